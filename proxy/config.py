@@ -1,0 +1,603 @@
+"""Loading the YAML config: interpolation, overrides, validation into frozen objects.
+
+Every problem is collected and reported at once with its dotted path
+(`upstreams.paymo.auth.client_id: required`), so a user fixes a config in one
+round instead of one error per run. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from proxy.errors import ConfigError, Problem
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+ENV_OVERRIDES = {
+    "AUTHPROXY_HOST": "listen.host",
+    "AUTHPROXY_PORT": "listen.port",
+    "AUTHPROXY_LOG_FORMAT": "log.format",
+    "AUTHPROXY_LOG_LEVEL": "log.level",
+}
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_METHOD = re.compile(r"^[A-Z]+$")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str, *, what: str = "URL") -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be http:// or https:// with a host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{what} must not carry a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{what} has a bad port") from exc
+    return value
+
+
+UrlStr = Annotated[str, AfterValidator(_check_url)]
+
+
+def _is_insecure_remote(url: str) -> bool:
+    parts = urlsplit(url)
+    return (
+        parts.scheme == "http"
+        and (parts.hostname or "") not in LOOPBACK_HOSTS
+        and not (parts.hostname or "").startswith("127.")
+    )
+
+
+# -- auth ------------------------------------------------------------------
+
+
+class NoneAuth(Strict):
+    type: Literal["none"] = "none"
+
+
+class HeaderAuth(Strict):
+    type: Literal["header"]
+    name: str = Field(min_length=1)
+    value: SecretStr
+
+
+class BasicAuth(Strict):
+    type: Literal["basic"]
+    username: SecretStr
+    password: SecretStr = SecretStr("")
+
+
+class QueryAuth(Strict):
+    type: Literal["query"]
+    param: str = Field(min_length=1)
+    value: SecretStr
+
+
+class TokenAuthBase(Strict):
+    prefetch: bool = False
+    refresh_before: NonNegativeFloat = 60.0
+    allow_insecure_token_url: bool = False
+
+
+class OAuth2ClientCredentials(TokenAuthBase):
+    type: Literal["oauth2_client_credentials"]
+    token_url: UrlStr
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    scope: str | None = None
+    audience: str | None = None
+    client_auth: Literal["body", "basic", "basic_urlencoded"] = "body"
+    body_format: Literal["form", "json"] = "form"
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class PaymoSession(TokenAuthBase):
+    type: Literal["paymo_session"]
+    api_key: SecretStr | None = None
+    email: str | None = None
+    password: SecretStr | None = None
+    login_url: UrlStr | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Self:
+        if self.api_key is None and (self.email is None or self.password is None):
+            raise ValueError("needs api_key, or email and password")
+        if self.api_key is not None and (self.email is not None or self.password is not None):
+            raise ValueError("give api_key or email+password, not both")
+        return self
+
+
+class Primaerp(TokenAuthBase):
+    type: Literal["primaerp"]
+    api_key: SecretStr
+    username: str | None = None
+    password: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    login_url: UrlStr | None = None
+    refresh_url: UrlStr | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Self:
+        user = self.username is not None or self.password is not None
+        if user == (self.secret_key is not None):
+            raise ValueError("needs username and password, or secret_key (exactly one)")
+        if user and (self.username is None or self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class Didomi(TokenAuthBase):
+    type: Literal["didomi"]
+    key: SecretStr
+    secret: SecretStr
+    login_url: UrlStr | None = None
+
+
+class BasicCredentials(Strict):
+    username: str
+    password: str = ""
+
+
+class RequestSpec(Strict):
+    """One HTTP call of a login flow; `{token}`/`{refresh_token}` are filled in."""
+
+    method: str = "POST"
+    url: str
+    basic: BasicCredentials | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, str] = Field(default_factory=dict)
+    json_body: dict[str, Any] | None = Field(default=None, alias="json")
+    form: dict[str, str] | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if not _METHOD.match(value.upper()):
+            raise ValueError("not an HTTP method")
+        return value.upper()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        # A template may hold {token}; check the URL with it filled in.
+        _check_url(value.replace("{token}", "t").replace("{refresh_token}", "t"))
+        return value
+
+    @model_validator(mode="after")
+    def _one_body(self) -> Self:
+        if self.json_body is not None and self.form is not None:
+            raise ValueError("give json or form, not both")
+        return self
+
+
+class RefreshSpec(Strict):
+    token: str = Field(min_length=1)
+    request: RequestSpec
+
+
+class Inject(Strict):
+    header: str | None = None
+    value: str = "Bearer {token}"
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.header is None) == (self.query is None):
+            raise ValueError("give exactly one of header or query")
+        if self.header is not None and "{token}" not in self.value:
+            raise ValueError("value must contain {token}")
+        return self
+
+
+class LoginAuth(TokenAuthBase):
+    type: Literal["login"]
+    request: RequestSpec
+    token: str = Field(min_length=1)
+    expires_at: str | None = None
+    expires_in: str | None = None
+    lifetime: PositiveFloat | None = None
+    refresh: RefreshSpec | None = None
+    logout: RequestSpec | None = None
+    inject: Inject = Inject(header="Authorization")
+
+
+AuthConfig = Annotated[
+    NoneAuth
+    | HeaderAuth
+    | BasicAuth
+    | QueryAuth
+    | OAuth2ClientCredentials
+    | PaymoSession
+    | Primaerp
+    | Didomi
+    | LoginAuth,
+    Field(discriminator="type"),
+]
+TokenAuthConfig = OAuth2ClientCredentials | PaymoSession | Primaerp | Didomi | LoginAuth
+AUTH_TYPE_NAMES = (
+    "none",
+    "header",
+    "basic",
+    "query",
+    "oauth2_client_credentials",
+    "paymo_session",
+    "primaerp",
+    "didomi",
+    "login",
+)
+
+
+def token_urls(auth: AuthConfig, base_url: str) -> list[str]:
+    """Every endpoint a token type will call, for the plain-HTTP check."""
+    base = base_url.rstrip("/")
+    match auth:
+        case OAuth2ClientCredentials():
+            return [auth.token_url]
+        case PaymoSession():
+            return [auth.login_url or f"{base}/sessions"]
+        case Primaerp():
+            return [
+                auth.login_url or f"{base}/auth/login",
+                auth.refresh_url or f"{base}/auth/refreshtoken",
+            ]
+        case Didomi():
+            return [auth.login_url or f"{base}/sessions"]
+        case LoginAuth():
+            urls = [auth.request.url]
+            if auth.refresh:
+                urls.append(auth.refresh.request.url)
+            return urls
+    return []
+
+
+# -- upstreams and the whole file -------------------------------------------
+
+
+class Timeout(Strict):
+    connect: PositiveFloat = 10.0
+    read: PositiveFloat = 300.0
+
+
+class TLS(Strict):
+    verify: bool = True
+    ca_file: str | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class Upstream(Strict):
+    prefix: str | None = None
+    url: UrlStr
+    auth: AuthConfig = NoneAuth()
+    headers: dict[str, str] = Field(default_factory=dict)
+    strip_headers: list[str] = Field(default_factory=list)
+    strip_query: list[str] = Field(default_factory=list)
+    allow_methods: list[str] | None = None
+    retry_statuses: list[Annotated[int, Field(ge=400, le=599)]] = Field(
+        default_factory=lambda: [401]
+    )
+    max_replay_body: NonNegativeInt = 1_048_576
+    timeout: Timeout = Timeout()
+    tls: TLS = TLS()
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        value = value.rstrip("/")
+        if not value:
+            raise ValueError("must not be / alone")
+        segments = value.split("/")[1:]
+        if any(s in ("", ".", "..") or "%" in s or "?" in s or "#" in s for s in segments):
+            raise ValueError("must be plain path segments")
+        if segments[0] == "-":
+            raise ValueError("/-/ is reserved for the admin endpoints")
+        return value
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        upper = [m.upper() for m in value]
+        bad = [m for m in upper if not _METHOD.match(m)]
+        if bad:
+            raise ValueError(f"not HTTP methods: {', '.join(bad)}")
+        return upper
+
+    @model_validator(mode="after")
+    def _plain_http_token_url(self) -> Self:
+        if isinstance(self.auth, TokenAuthBase) and not self.auth.allow_insecure_token_url:
+            for url in token_urls(self.auth, self.url):
+                if _is_insecure_remote(url):
+                    raise ValueError(
+                        f"auth: token endpoint {url} is plain http:// to a non-loopback host; "
+                        "use https or set auth.allow_insecure_token_url: true"
+                    )
+        return self
+
+
+class Listen(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    require_token: SecretStr | None = None
+
+
+class Log(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Config(Strict):
+    listen: Listen = Listen()
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+    allowed_origins: list[str] = Field(default_factory=list)
+    log: Log = Log()
+    shutdown_timeout: NonNegativeFloat = 10.0
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    # Every configured secret value, for the log redaction processor; never rendered.
+    _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @field_validator("upstreams")
+    @classmethod
+    def _names_and_prefixes(cls, value: dict[str, Upstream]) -> dict[str, Upstream]:
+        seen: dict[str, str] = {}
+        for name, upstream in value.items():
+            if not _NAME.match(name):
+                raise ValueError(f"bad upstream name {name!r}: letters, digits, _ . - only")
+            prefix = upstream.prefix or f"/{name}"
+            if prefix == "/-":
+                raise ValueError(f"{name}: /- is reserved for the admin endpoints")
+            if prefix in seen:
+                raise ValueError(f"{name} and {seen[prefix]} share the prefix {prefix}")
+            seen[prefix] = name
+        return value
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return self._secrets
+
+    def prefix_of(self, name: str) -> str:
+        return self.upstreams[name].prefix or f"/{name}"
+
+
+# -- loading ----------------------------------------------------------------
+
+_REF = re.compile(r"\$\{([^}]*)\}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of duplicate keys silently; we refuse them."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def _walk(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _walk(value, (*path, str(index)))
+
+
+def _interpolate(
+    raw: Any, env: Mapping[str, str], problems: list[Problem], secrets: set[str]
+) -> Any:
+    """Replace `${VAR}`, `${VAR:-default}` and `${file:/path}` in every string value."""
+
+    def resolve(value: str, path: tuple[str, ...]) -> str:
+        dotted = ".".join(path)
+
+        def one(match: re.Match[str]) -> str:
+            ref = match.group(1)
+            if ref.startswith("file:"):
+                file_path = ref[5:]
+                try:
+                    text = Path(file_path).read_text()
+                except OSError as exc:
+                    problems.append(Problem(dotted, f"cannot read {file_path}: {exc.strerror}"))
+                    return ""
+                return text[:-1] if text.endswith("\n") else text
+            name, sep, default = ref.partition(":-")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                problems.append(Problem(dotted, f"bad reference ${{{ref}}}"))
+                return ""
+            if name in env:
+                return env[name]
+            if sep:
+                return default
+            problems.append(Problem(dotted, f"environment variable {name} is not set"))
+            return ""
+
+        result = _REF.sub(one, value)
+        if result != value and _holds_secrets(path) and result:
+            secrets.add(result)
+        return result
+
+    def visit(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: visit(v, (*path, str(k))) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v, (*path, str(i))) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            return resolve(node, path)
+        return node
+
+    return visit(raw, ())
+
+
+def _holds_secrets(path: tuple[str, ...]) -> bool:
+    return "auth" in path or path == ("listen", "require_token")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[leaf] = value
+
+
+def _problem_from_pydantic(error: Mapping[str, Any]) -> Problem:
+    loc = [str(part) for part in error["loc"]]
+    # A discriminated union puts the tag into the location: auth.<type>.field.
+    for i in range(len(loc) - 1):
+        if loc[i] == "auth" and loc[i + 1] in AUTH_TYPE_NAMES:
+            del loc[i + 1]
+            break
+    kind = error["type"]
+    if kind == "missing":
+        message = "required"
+    elif kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "union_tag_invalid":
+        message = f"unknown auth type; expected one of: {', '.join(AUTH_TYPE_NAMES)}"
+    elif kind == "union_tag_not_found":
+        message = "type: required"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    return Problem(".".join(loc), message)
+
+
+def collect_secrets(config: Config) -> set[str]:
+    """Every SecretStr value in the config (the redaction set's typed half)."""
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, SecretStr):
+            value = node.get_secret_value()
+            if value:
+                found.add(value)
+        elif isinstance(node, BaseModel):
+            for field in type(node).model_fields:
+                visit(getattr(node, field))
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return found
+
+
+def parse_config(
+    raw: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Validate an already-parsed document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[Problem] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem("", "the config must be a mapping (key: value) at the top")])
+    secrets: set[str] = set()
+    raw = _interpolate(raw, env, problems, secrets)
+    for variable, dotted in ENV_OVERRIDES.items():
+        if env.get(variable):
+            _set_dotted(raw, dotted, env[variable])
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_problem_from_pydantic(e) for e in exc.errors())
+        config = None
+    if problems or config is None:
+        raise ConfigError(problems)
+    secrets |= collect_secrets(config)
+    config._secrets = frozenset(s for s in secrets if len(s) >= 4)
+    return config
+
+
+def resolve_config_path(path: str | None, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return path or env.get("AUTHPROXY_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(
+    path: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            [Problem("", f"cannot read config file {path}: {exc.strerror}")]
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem("", f"{path}: invalid YAML: {where}{problem}")]) from None
+    return parse_config(raw, env=env, overrides=overrides)
