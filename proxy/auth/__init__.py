@@ -1,0 +1,63 @@
+"""Auth schemes: the registry from a config `type` to the code that serves it.
+
+Adding a scheme is a config model in `proxy.config` plus one entry here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from proxy.auth import presets, static
+from proxy.auth.base import Authenticator, Credential, Injection, Token
+from proxy.auth.login import LoginFlow, TokenAuth, TokenHttp
+from proxy.config import LoginAuth, TokenAuthBase, Upstream
+from proxy.tokens import TokenManager, TokenStore
+
+__all__ = ["Authenticator", "Credential", "Token", "build_authenticator"]
+
+TOKEN_READ_CAP = 30.0
+
+STATIC_TYPES: dict[str, Callable[[Any], static.StaticAuth]] = {
+    "none": static.none_auth,
+    "header": static.header_auth,
+    "basic": static.basic_auth,
+    "query": static.query_auth,
+}
+# Every token type becomes a general `login` config; `login` itself passes through.
+TOKEN_TYPES: dict[str, Callable[[Any, str], LoginAuth]] = {
+    "login": lambda cfg, _base: cfg,
+    "oauth2_client_credentials": presets.oauth2_client_credentials,
+    "paymo_session": presets.paymo_session,
+    "primaerp": presets.primaerp,
+    "didomi": presets.didomi,
+}
+
+
+def build_authenticator(
+    name: str,
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    ssl_context: ssl.SSLContext | bool,
+    secrets: frozenset[str],
+    store: TokenStore | None = None,
+) -> Authenticator:
+    auth = upstream.auth
+    if auth.type in STATIC_TYPES:
+        return STATIC_TYPES[auth.type](auth)
+    assert isinstance(auth, TokenAuthBase)
+    login = TOKEN_TYPES[auth.type](auth, upstream.url.rstrip("/"))
+    timeout = aiohttp.ClientTimeout(
+        sock_connect=upstream.timeout.connect,
+        sock_read=min(upstream.timeout.read, TOKEN_READ_CAP),
+        total=upstream.timeout.connect + min(upstream.timeout.read, TOKEN_READ_CAP),
+    )
+    http = TokenHttp(session, name, timeout, ssl_context, secrets)
+    flow = LoginFlow(login, http)
+    manager = TokenManager(name, flow, refresh_before=login.refresh_before, store=store)
+    inject = login.inject
+    injection = Injection(header=inject.header, template=inject.value, query=inject.query)
+    return TokenAuth(auth.type, manager, flow, injection, prefetch=login.prefetch)

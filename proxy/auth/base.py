@@ -1,0 +1,84 @@
+"""What every auth scheme hands the forwarder, and the small protocol they satisfy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A credential obtained from an endpoint. Times are `time.monotonic()` seconds.
+
+    `repr` hides the secret parts so a stray log of a Token leaks nothing.
+    """
+
+    value: str = field(repr=False)
+    obtained_at: float
+    expires_at: float | None  # None: valid until the upstream rejects it
+    refresh_at: float | None  # when to start refreshing ahead of expiry
+    refresh_token: str | None = field(default=None, repr=False)
+
+    @property
+    def lifetime(self) -> float | None:
+        return None if self.expires_at is None else self.expires_at - self.obtained_at
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What goes onto one forwarded request, prepared once per token."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    query: str = ""  # "name=value", already percent-encoded; "" for none
+    token: Token | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """Where a token goes: a header built from a template, or a query parameter."""
+
+    header: str | None = None
+    template: str = "{token}"
+    query: str | None = None
+
+    def credential(self, token: Token) -> Credential:
+        if self.header is not None:
+            value = self.template.replace("{token}", token.value)
+            return Credential(headers=((self.header, value),), token=token)
+        query = f"{quote(self.query or '', safe='')}={quote(token.value, safe='')}"
+        return Credential(query=query, token=token)
+
+
+class Authenticator(Protocol):
+    """One per upstream. Static schemes answer at once; token schemes may do I/O."""
+
+    type_name: str
+    injected_header: str | None
+    injected_query: str | None
+    refreshable: bool
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest token failure, for /-/status; never a secret."""
+        ...
+
+    async def credential(self) -> Credential: ...
+
+    def invalidate(self, used: Credential) -> None:
+        """The upstream refused `used` and the request cannot be replayed: just drop it."""
+        ...
+
+    async def rejected(self, used: Credential, status: int) -> Credential:
+        """The upstream refused `used`: return a fresh credential (shared by all who saw it)."""
+        ...
+
+    async def start(self) -> None:
+        """Called once the app serves: fetch now if the config says `prefetch`."""
+        ...
+
+    async def close(self) -> None:
+        """Called at shutdown, before the HTTP session closes: run logouts."""
+        ...
+
+    def status(self) -> dict[str, Any]: ...

@@ -1,0 +1,309 @@
+"""The general `login` flow, which every token type is built on, and its Authenticator.
+
+`LoginFlow` knows how to talk to a token endpoint (log in, refresh, log out)
+and how to read its answer; `TokenAuth` puts a `TokenManager` in front of it
+and turns tokens into credentials. Failures become `AuthFailed` with a message
+we wrote: the endpoint's status and, for error answers, at most 300 scrubbed
+characters of what it said — never a secret or an issued token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from multidict import CIMultiDictProxy
+
+from proxy.auth.base import Credential, Injection, Token
+from proxy.auth.expiry import ExpiryError, dig, jwt_expiry, parse_expires_at, parse_expires_in
+from proxy.config import LoginAuth, RequestSpec
+from proxy.errors import AuthFailed
+from proxy.tokens import Grant, TokenManager
+
+log = structlog.get_logger("authproxy.auth")
+
+MAX_TOKEN_BODY = 256 * 1024
+SNIPPET = 300
+CONFIG_ERRORS = frozenset(
+    {"invalid_client", "invalid_grant", "unauthorized_client", "invalid_scope"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHttp:
+    """The transport a flow is handed: the app's session plus this upstream's limits."""
+
+    session: aiohttp.ClientSession
+    upstream: str
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+    secrets: frozenset[str]
+
+    async def call(
+        self,
+        spec: RequestSpec,
+        what: str,
+        fill: dict[str, str],
+        extra_headers: tuple[tuple[str, str], ...] = (),
+        extra_query: str = "",
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        url = spec.url
+        for key, value in fill.items():
+            url = url.replace("{" + key + "}", quote(value, safe=""))
+        if extra_query:
+            url += ("&" if "?" in url else "?") + extra_query
+        headers = {"Accept": "application/json"}
+        headers.update({k: _fill(v, fill) for k, v in spec.headers.items()})
+        headers.update(extra_headers)
+        kwargs: dict[str, Any] = {}
+        if spec.query:
+            kwargs["params"] = {k: _fill(v, fill) for k, v in spec.query.items()}
+        if spec.basic is not None:
+            kwargs["auth"] = aiohttp.BasicAuth(spec.basic.username, spec.basic.password)
+        if spec.json_body is not None:
+            kwargs["json"] = _fill_json(spec.json_body, fill)
+        elif spec.form is not None:
+            kwargs["data"] = {k: _fill(v, fill) for k, v in spec.form.items()}
+        try:
+            async with self.session.request(
+                spec.method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self.timeout,
+                ssl=self.ssl,
+                auto_decompress=True,
+                **kwargs,
+            ) as resp:
+                body = bytearray()
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_TOKEN_BODY:
+                        raise AuthFailed(
+                            f"{what} for {self.upstream} answered {resp.status} with a body "
+                            f"over {MAX_TOKEN_BODY // 1024} KiB",
+                            self.upstream,
+                            resp.status,
+                        )
+                return resp.status, resp.headers, bytes(body)
+        except TimeoutError:
+            raise AuthFailed(f"{what} for {self.upstream} timed out", self.upstream) from None
+        except aiohttp.ClientError as exc:
+            raise AuthFailed(
+                f"{what} for {self.upstream} unreachable ({type(exc).__name__})", self.upstream
+            ) from None
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "REDACTED")
+        return text
+
+
+def _fill(value: str, fill: dict[str, str]) -> str:
+    for key, replacement in fill.items():
+        value = value.replace("{" + key + "}", replacement)
+    return value
+
+
+def _fill_json(node: Any, fill: dict[str, str]) -> Any:
+    if isinstance(node, str):
+        return _fill(node, fill)
+    if isinstance(node, dict):
+        return {k: _fill_json(v, fill) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill_json(v, fill) for v in node]
+    return node
+
+
+def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
+    value = headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    return None
+
+
+class LoginFlow:
+    """A `TokenSource` for any API with a login endpoint (SPEC §3, type `login`)."""
+
+    def __init__(self, cfg: LoginAuth, http: TokenHttp) -> None:
+        self.cfg = cfg
+        self.http = http
+
+    async def fetch(self, previous: Token | None) -> Grant:
+        refresh = self.cfg.refresh
+        if refresh is not None and previous is not None and previous.refresh_token:
+            try:
+                return await self._exchange(
+                    refresh.request, "refresh", {"refresh_token": previous.refresh_token}
+                )
+            except AuthFailed as exc:
+                # Refresh tokens may be single-use or expired: a full login is the cure.
+                log.info("token_refresh_failed", upstream=self.http.upstream, error=exc.message)
+        return await self._exchange(self.cfg.request, "login", {})
+
+    async def _exchange(self, spec: RequestSpec, via: str, fill: dict[str, str]) -> Grant:
+        what = "token endpoint" if via == "login" else "refresh endpoint"
+        status, headers, body = await self.http.call(spec, what, fill)
+        upstream = self.http.upstream
+        if not 200 <= status < 300:
+            detail, error_code = self._describe_error(body)
+            if error_code in CONFIG_ERRORS:
+                log.error(
+                    "token_config_problem",
+                    upstream=upstream,
+                    endpoint_status=status,
+                    error_code=error_code,
+                    hint="check the credentials and scopes in this upstream's auth section",
+                )
+            retry_after = _retry_after(headers) if status in (429, 503) else None
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status}" + (f": {detail}" if detail else ""),
+                upstream,
+                status,
+                retry_after,
+            )
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            ctype = headers.get("Content-Type", "unknown type")
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status} with a body that is not JSON ({ctype})",
+                upstream,
+                status,
+            ) from None
+        value = dig(document, self.cfg.token)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status} without a token at '{self.cfg.token}'",
+                upstream,
+                status,
+            )
+        refresh_token = None
+        if self.cfg.refresh is not None:
+            found = dig(document, self.cfg.refresh.token)
+            refresh_token = found if isinstance(found, str) and found else None
+        try:
+            expires_at = self._expiry(document, value)
+        except ExpiryError as exc:
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status} with an unreadable expiry: {exc}",
+                upstream,
+                status,
+            ) from None
+        return Grant(value, expires_at, refresh_token, via)
+
+    def _expiry(self, document: Any, token: str) -> float | None:
+        """Expiry in the SPEC's order: expires_at, expires_in, JWT exp, lifetime."""
+        cfg = self.cfg
+        if cfg.expires_at is not None and (raw := dig(document, cfg.expires_at)) is not None:
+            return parse_expires_at(raw)
+        if cfg.expires_in is not None and (raw := dig(document, cfg.expires_in)) is not None:
+            return time.time() + parse_expires_in(raw)
+        if (exp := jwt_expiry(token)) is not None:
+            return exp
+        if cfg.lifetime is not None:
+            return time.time() + cfg.lifetime
+        return None
+
+    def _describe_error(self, body: bytes) -> tuple[str, str | None]:
+        text = body.decode("utf-8", "replace")
+        try:
+            document = json.loads(text)
+        except ValueError:
+            document = None
+        if isinstance(document, dict) and isinstance(document.get("error"), str):
+            code = document["error"]
+            description = document.get("error_description")
+            detail = code + (f" ({description})" if isinstance(description, str) else "")
+            return self.http.scrub(detail[:SNIPPET]), code
+        snippet = " ".join(text.split())[:SNIPPET]
+        return self.http.scrub(snippet), None
+
+    async def logout(self, credential: Credential) -> None:
+        spec = self.cfg.logout
+        token = credential.token
+        if spec is None or token is None:
+            return
+        try:
+            status, _, _ = await self.http.call(
+                spec,
+                "logout endpoint",
+                {"token": token.value},
+                extra_headers=credential.headers,
+                extra_query=credential.query,
+            )
+        except AuthFailed as exc:
+            log.warning("token_logout_failed", upstream=self.http.upstream, error=exc.message)
+            return
+        log.info("token_logout", upstream=self.http.upstream, endpoint_status=status)
+
+
+class TokenAuth:
+    """An Authenticator backed by a TokenManager; credentials are built once per token."""
+
+    refreshable = True
+    injected_query: str | None
+
+    def __init__(
+        self,
+        type_name: str,
+        manager: TokenManager,
+        flow: LoginFlow,
+        injection: Injection,
+        prefetch: bool,
+    ) -> None:
+        self.type_name = type_name
+        self.manager = manager
+        self.flow = flow
+        self.injection = injection
+        self.injected_header = injection.header
+        self.injected_query = injection.query
+        self.prefetch = prefetch
+        self._cached: Credential | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _credential_for(self, token: Token) -> Credential:
+        cached = self._cached
+        if cached is not None and cached.token is token:
+            return cached
+        self._cached = cred = self.injection.credential(token)
+        return cred
+
+    async def credential(self) -> Credential:
+        return self._credential_for(await self.manager.get())
+
+    def invalidate(self, used: Credential) -> None:
+        if used.token is not None:
+            self.manager.invalidate(used.token)
+
+    async def rejected(self, used: Credential, status: int) -> Credential:
+        if used.token is None:
+            return await self.credential()
+        return self._credential_for(await self.manager.rejected(used.token, status))
+
+    async def start(self) -> None:
+        if self.prefetch:
+            await self.manager.prefetch()
+
+    async def close(self) -> None:
+        await self.manager.wait_idle()
+        token = self.manager.current()
+        if token is not None and self.flow.cfg.logout is not None:
+            await self.flow.logout(self._credential_for(token))
+
+    @property
+    def last_error(self) -> str | None:
+        return self.manager.last_error
+
+    def status(self) -> dict[str, Any]:
+        return self.manager.status()
