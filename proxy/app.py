@@ -1,0 +1,236 @@
+"""`create_app(config)`: the guards, the admin endpoints, the route table, the lifecycle.
+
+One catch-all handler runs an explicit pipeline, cheapest checks first:
+
+    Host allow-list → browser (Origin / Sec-Fetch-Site) → inbound token
+    → request-target form → admin (/-/...) or route → method → path safety
+    → forward (strip, inject, send, one retry, stream back)
+
+The app owns every resource: the upstream `ClientSession` and the
+authenticators are created in `cleanup_ctx` and closed there, logouts first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import (
+    HostNotAllowed,
+    MethodNotAllowed,
+    NoRoute,
+    OriginNotAllowed,
+    ProxyAuthRequired,
+    ProxyError,
+)
+from proxy.forwarding import Route, build_route, describe, forward, new_upstream_session
+from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
+from proxy.tokens import TokenStore
+
+access_log = structlog.get_logger("authproxy.access")
+log = structlog.get_logger("authproxy")
+
+ADMIN_PREFIX = "/-/"
+MAX_REQUEST_ID = 128
+
+
+@dataclass(slots=True)
+class Proxy:
+    """Everything the handler needs, built once when the app starts."""
+
+    config: Config
+    session: aiohttp.ClientSession
+    routes: dict[str, Route]
+    prefixes: list[str]
+    allowed_hosts: frozenset[str] | None  # None: any host
+    allowed_origins: frozenset[str]
+    require_token: bytes | None
+    ready: bool = False
+    shutting_down: bool = False
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+PROXY = web.AppKey("proxy", Proxy)
+CONFIG = web.AppKey("config", Config)
+STORE: web.AppKey[TokenStore] = web.AppKey("token_store")
+
+
+def _host_of(host_header: str) -> str:
+    if host_header.startswith("["):
+        return host_header[1 : host_header.find("]")].lower()
+    return (
+        host_header.rsplit(":", 1)[0].lower()
+        if host_header.count(":") == 1
+        else host_header.lower()
+    )
+
+
+def _json(status: int, payload: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_response(exc: ProxyError, request_id: str) -> web.Response:
+    headers = exc.headers()
+    headers["X-Request-ID"] = request_id
+    return web.Response(
+        status=exc.status, body=exc.body(), content_type="application/json", headers=headers
+    )
+
+
+def _check_guards(proxy: Proxy, request: web.Request) -> None:
+    headers = request.headers
+    if proxy.allowed_hosts is not None:
+        host = headers.get("Host")
+        if host is None or _host_of(host) not in proxy.allowed_hosts:
+            raise HostNotAllowed("Host header is not in allowed_hosts")
+    origin = headers.get("Origin")
+    if origin is not None and origin not in proxy.allowed_origins:
+        raise OriginNotAllowed("requests from browsers on other origins are refused")
+    if headers.get("Sec-Fetch-Site") == "cross-site":
+        raise OriginNotAllowed("cross-site browser requests are refused")
+
+
+def _check_inbound_token(proxy: Proxy, request: web.Request) -> None:
+    expected = proxy.require_token
+    if expected is None:
+        return
+    scheme, _, presented = request.headers.get("Proxy-Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
+        raise ProxyAuthRequired("this proxy requires Proxy-Authorization: Bearer <token>")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[PROXY]
+    started = time.perf_counter()
+    request_id = request.headers.get("X-Request-ID", "")
+    if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        request_id = uuid.uuid4().hex
+    raw_target = request.raw_path
+    route: Route | None = None
+    retried = False
+    sent = 0
+    status = 500
+    try:
+        _check_guards(proxy, request)
+        path, query = split_target(raw_target)
+        if path.startswith(ADMIN_PREFIX):
+            if path != "/-/health":
+                _check_inbound_token(proxy, request)
+            response: web.StreamResponse = _admin(proxy, request, path)
+        else:
+            _check_inbound_token(proxy, request)
+            matched = match_prefix(proxy.prefixes, path)
+            if matched is None:
+                raise NoRoute(
+                    "no upstream for this path; configured prefixes: "
+                    + ", ".join(sorted(proxy.prefixes))
+                )
+            route = proxy.routes[matched[0]]
+            remainder = matched[1]
+            if route.allow_methods is not None and request.method not in route.allow_methods:
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed on {route.prefix}",
+                    route.name,
+                    tuple(sorted(route.allow_methods)),
+                )
+            check_remainder(remainder)
+            outcome = await forward(proxy.session, request, route, remainder, query, request_id)
+            response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
+        status = response.status
+        return response
+    except ProxyError as exc:
+        if exc.upstream is None and route is not None:
+            exc.upstream = route.name
+        status = exc.status
+        error = _error_response(exc, request_id)
+        sent = len(error.body) if isinstance(error.body, bytes) else 0
+        return error
+    finally:
+        access_log.info(
+            "request_finished",
+            method=request.method,
+            path=redact_query(raw_target[:2048]),
+            upstream=route.name if route is not None else None,
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            bytes=sent,
+            retried=retried,
+            request_id=request_id,
+        )
+
+
+def _admin(proxy: Proxy, request: web.Request, path: str) -> web.Response:
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed("admin endpoints are read-only", None, ("GET", "HEAD"))
+    if path == "/-/health":
+        return _json(200, {"status": "ok"})
+    if path == "/-/ready":
+        ready = proxy.ready and not proxy.shutting_down
+        return _json(200 if ready else 503, {"ready": ready})
+    if path == "/-/status":
+        return _json(200, {"upstreams": {r.name: describe(r) for r in proxy.routes.values()}})
+    raise NoRoute("unknown admin endpoint; try /-/health or /-/status")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = app.get(STORE)
+    session = new_upstream_session()
+    routes: dict[str, Route] = {}
+    try:
+        for name, upstream in config.upstreams.items():
+            route = build_route(name, upstream, config, session, store)
+            routes[route.prefix] = route
+            if not upstream.tls.verify:
+                log.warning("tls_verification_disabled", upstream=name)
+        hosts = (
+            None
+            if "*" in config.allowed_hosts
+            else frozenset(h.lower() for h in config.allowed_hosts)
+        )
+        token = config.listen.require_token
+        proxy = Proxy(
+            config=config,
+            session=session,
+            routes=routes,
+            prefixes=sort_prefixes(routes),
+            allowed_hosts=hosts,
+            allowed_origins=frozenset(config.allowed_origins),
+            require_token=token.get_secret_value().encode() if token else None,
+        )
+        app[PROXY] = proxy
+        await asyncio.gather(*(r.auth.start() for r in routes.values()))
+        proxy.ready = True
+        yield
+        proxy.shutting_down = True
+        await asyncio.gather(*(r.auth.close() for r in routes.values()), return_exceptions=True)
+    finally:
+        await session.close()
+
+
+def create_app(config: Config, token_store: TokenStore | None = None) -> web.Application:
+    app = web.Application(
+        handler_args={"max_line_size": 8190, "max_field_size": 8190},
+        client_max_size=1024**3,
+    )
+    app[CONFIG] = config
+    if token_store is not None:
+        app[STORE] = token_store
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,251 @@
+"""The request path: strip, inject, send, the one retry, stream back.
+
+Everything a route needs per request is computed once in `build_route`;
+`forward` does only the per-request work.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from proxy.auth import Authenticator, Credential, build_authenticator
+from proxy.config import Config, Upstream
+from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
+from proxy.routing import Target, build_upstream_url, rewrite_location, strip_query_params
+from proxy.tokens import TokenStore
+
+log = structlog.get_logger("authproxy.forwarding")
+
+# Headers aiohttp's client would otherwise invent; the upstream sees only what the
+# client sent (plus the credential, Host and the route's defaults).
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+@dataclass(slots=True)
+class Route:
+    name: str
+    prefix: str
+    target: Target
+    base_url: str
+    auth: Authenticator
+    drop_headers: frozenset[str]
+    strip_query: frozenset[str]
+    defaults: tuple[tuple[str, str], ...]
+    allow_methods: frozenset[str] | None
+    retry_statuses: frozenset[int]
+    max_replay_body: int
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+    url: str
+
+
+def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | bool:
+    if not upstream.tls.verify:
+        return False
+    if upstream.tls.ca_file:
+        return ssl.create_default_context(cafile=upstream.tls.ca_file)
+    return True
+
+
+def build_route(
+    name: str,
+    upstream: Upstream,
+    config: Config,
+    session: aiohttp.ClientSession,
+    store: TokenStore | None = None,
+) -> Route:
+    ssl_ctx = ssl_context_for(upstream)
+    auth = build_authenticator(name, upstream, session, ssl_ctx, config.secrets, store)
+    strip_query = set(upstream.strip_query)
+    if auth.injected_query:
+        strip_query.add(auth.injected_query)
+    target = Target.from_url(upstream.url)
+    return Route(
+        name=name,
+        prefix=config.prefix_of(name),
+        target=target,
+        base_url=upstream.url.rstrip("/"),
+        auth=auth,
+        drop_headers=inbound_drop_set(auth.injected_header, upstream.strip_headers),
+        strip_query=frozenset(strip_query),
+        defaults=tuple(upstream.headers.items()),
+        allow_methods=frozenset(upstream.allow_methods) if upstream.allow_methods else None,
+        retry_statuses=frozenset(upstream.retry_statuses),
+        max_replay_body=upstream.max_replay_body,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=upstream.timeout.connect, sock_read=upstream.timeout.read
+        ),
+        ssl=ssl_ctx,
+        url=upstream.url,
+    )
+
+
+def new_upstream_session(pool_size: int = 512) -> aiohttp.ClientSession:
+    """The one pooled session for all upstreams: no cookie jar (one client's cookies
+    must never ride on another's request) and no decompression (bodies pass as sent)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=60),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+@dataclass(slots=True)
+class Outcome:
+    response: web.StreamResponse
+    bytes_sent: int
+    retried: bool
+
+
+async def _read_replayable(request: web.Request, limit: int) -> bytes | AsyncIterator[bytes]:
+    """Keep bodies up to `limit` bytes so a 401 can be replayed; stream larger ones."""
+    length = request.content_length
+    if length is not None:
+        if length <= limit:
+            return await request.read()
+        return request.content.iter_any()
+    buffered = bytearray()
+    while len(buffered) <= limit:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(buffered)
+        buffered += chunk
+    return _prepend(bytes(buffered), request.content.iter_any())
+
+
+async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in rest:
+        yield chunk
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    route: Route,
+    remainder: str,
+    query: str,
+    request_id: str,
+) -> Outcome:
+    headers = strip_inbound(
+        request.headers.items(), route.drop_headers, request.headers.get("Connection")
+    )
+    add_defaults(headers, route.defaults)
+    headers.append(("X-Request-ID", request_id))
+    query = strip_query_params(query, route.strip_query)
+
+    body: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        if route.auth.refreshable:
+            body = await _read_replayable(request, route.max_replay_body)
+        else:
+            body = request.content.iter_any()
+    replayable = body is None or isinstance(body, bytes)
+
+    cred = await route.auth.credential()
+    resp = await _send(session, request.method, route, remainder, query, headers, body, cred)
+    retried = False
+    if resp.status in route.retry_statuses and route.auth.refreshable:
+        if replayable:
+            resp.release()
+            cred = await route.auth.rejected(cred, resp.status)
+            resp = await _send(
+                session, request.method, route, remainder, query, headers, body, cred
+            )
+            retried = True
+        else:
+            route.auth.invalidate(cred)
+    return await _stream_back(request, resp, route, request_id, retried)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    route: Route,
+    remainder: str,
+    query: str,
+    headers: list[tuple[str, str]],
+    body: bytes | AsyncIterator[bytes] | None,
+    cred: Credential,
+) -> aiohttp.ClientResponse:
+    if cred.query:
+        query = f"{query}&{cred.query}" if query else cred.query
+    url = URL(build_upstream_url(route.base_url, remainder, query), encoded=True)
+    if cred.headers:
+        headers = headers + list(cred.headers)
+    try:
+        return await session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=route.timeout,
+            ssl=route.ssl,
+        )
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {route.name} did not answer in time", route.name) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(
+            f"upstream {route.name} unreachable ({type(exc).__name__})", route.name
+        ) from None
+
+
+async def _stream_back(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    route: Route,
+    request_id: str,
+    retried: bool,
+) -> Outcome:
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    out_headers = out.headers
+    for key, value in filter_response(resp.headers.items(), resp.headers.get("Connection")):
+        if key.lower() == "location":
+            value = rewrite_location(value, route.target, route.prefix)
+        out_headers.add(key, value)
+    if "X-Request-ID" not in out_headers:
+        out_headers["X-Request-ID"] = request_id
+    sent = 0
+    try:
+        await out.prepare(request)
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+            sent += len(chunk)
+        await out.write_eof()
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        resp.close()
+        log.warning(
+            "response_aborted",
+            upstream=route.name,
+            request_id=request_id,
+            error=type(exc).__name__,
+            bytes=sent,
+        )
+        if request.transport is not None:
+            request.transport.abort()
+        return Outcome(out, sent, retried)
+    resp.release()
+    return Outcome(out, sent, retried)
+
+
+def describe(route: Route) -> dict[str, Any]:
+    return {
+        "prefix": route.prefix,
+        "url": route.url,
+        "auth": route.auth.type_name,
+        "token": route.auth.status(),
+        "last_error": route.auth.last_error,
+    }
