@@ -34,6 +34,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.forwarding import Route, build_route, describe, forward, new_upstream_session
+from proxy.logs import REDACTOR
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
 
@@ -229,6 +230,7 @@ def create_app(config: Config, token_store: TokenStore | None = None) -> web.App
         client_max_size=1024**3,
     )
     app[CONFIG] = config
+    REDACTOR.add(config.secrets)
     if token_store is not None:
         app[STORE] = token_store
     app.cleanup_ctx.append(_lifecycle)

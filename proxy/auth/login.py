@@ -21,6 +21,7 @@ import aiohttp
 import structlog
 from multidict import CIMultiDictProxy
 
+from proxy import __version__
 from proxy.auth.base import Credential, Injection, Token
 from proxy.auth.expiry import ExpiryError, dig, jwt_expiry, parse_expires_at, parse_expires_in
 from proxy.config import LoginAuth, RequestSpec
@@ -30,6 +31,7 @@ from proxy.tokens import Grant, TokenManager
 log = structlog.get_logger("authproxy.auth")
 
 MAX_TOKEN_BODY = 256 * 1024
+USER_AGENT = f"authproxy/{__version__}"
 SNIPPET = 300
 CONFIG_ERRORS = frozenset(
     {"invalid_client", "invalid_grant", "unauthorized_client", "invalid_scope"}
@@ -59,7 +61,7 @@ class TokenHttp:
             url = url.replace("{" + key + "}", quote(value, safe=""))
         if extra_query:
             url += ("&" if "?" in url else "?") + extra_query
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         headers.update({k: _fill(v, fill) for k, v in spec.headers.items()})
         headers.update(extra_headers)
         kwargs: dict[str, Any] = {}
@@ -67,10 +69,13 @@ class TokenHttp:
             kwargs["params"] = {k: _fill(v, fill) for k, v in spec.query.items()}
         if spec.basic is not None:
             kwargs["auth"] = aiohttp.BasicAuth(spec.basic.username, spec.basic.password)
+        # Content-Type is explicit: the shared session never invents headers.
         if spec.json_body is not None:
             kwargs["json"] = _fill_json(spec.json_body, fill)
+            headers.setdefault("Content-Type", "application/json")
         elif spec.form is not None:
             kwargs["data"] = {k: _fill(v, fill) for k, v in spec.form.items()}
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
         try:
             async with self.session.request(
                 spec.method,

@@ -1,0 +1,189 @@
+"""Shared fixtures: real servers on loopback port 0, the real proxy in front of them.
+
+Logs are rendered as JSON to stdout exactly as in production, so tests read
+what a user would see (via `capsys`) and the leak check scans real output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import PROXY, Proxy, create_app
+from proxy.config import Config, parse_config
+from proxy.fakes import ISSUED, EchoState, create_echo_app, serve
+from proxy.logs import StdoutLogger, configure_logging
+
+# Credentials the fakes accept by default (and the demo uses): never to be printed.
+FAKE_CREDENTIALS = frozenset(
+    {
+        "demo-password",
+        "demo-paymo-api-key",
+        "demo-primaerp-apikey",
+        "demo-primaerp-secret-key",
+        "demo-didomi-key",
+        "demo-didomi-secret",
+        "demo-getpaid-secret",
+    }
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_logging("debug", "json")
+
+
+@dataclass
+class Exposure:
+    """Everything the proxy showed the outside during one test."""
+
+    log_lines: list[str] = field(default_factory=list)
+    proxy_bodies: list[str] = field(default_factory=list)
+    secrets: set[str] = field(default_factory=set)
+
+    def leaks(self) -> list[str]:
+        candidates = (self.secrets | ISSUED | FAKE_CREDENTIALS) - {""}
+        text = "\n".join(self.log_lines + self.proxy_bodies)
+        return sorted(s for s in candidates if len(s) >= 4 and s in text)
+
+
+EXPOSURE: Exposure | None = None
+
+
+@pytest.fixture(autouse=True)
+def no_secret_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Exposure]:
+    """After every test: no configured secret or issued token in any log line,
+    proxy error body or /-/status answer seen during the test."""
+    global EXPOSURE
+    exposure = EXPOSURE = Exposure()
+    original = StdoutLogger.msg
+
+    def tapped(self: StdoutLogger, message: str) -> None:
+        exposure.log_lines.append(message)
+        original(self, message)
+
+    monkeypatch.setattr(StdoutLogger, "msg", tapped)
+    for name in ("debug", "info", "warning", "warn", "error", "critical", "exception", "log"):
+        monkeypatch.setattr(StdoutLogger, name, tapped)
+    yield exposure
+    EXPOSURE = None
+    leaks = exposure.leaks()
+    assert not leaks, f"secrets leaked into proxy output: {[s[:6] + '...' for s in leaks]}"
+
+
+def _is_proxy_own(path: str, body: str) -> bool:
+    if path.startswith("/-/"):
+        return True
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    return isinstance(error, dict) and "code" in error and "message" in error
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    """Record every response body of the proxy's own making for the leak check."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_chunk(
+        _session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceResponseChunkReceivedParams,
+    ) -> None:
+        if not hasattr(ctx, "buffer"):
+            ctx.buffer = bytearray()
+        if len(ctx.buffer) < 65536:
+            ctx.buffer += params.chunk
+
+    async def on_end(
+        _session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        buffer = getattr(ctx, "buffer", None)
+        if EXPOSURE is None or not buffer:
+            return
+        body = bytes(buffer).decode("utf-8", "replace")
+        if _is_proxy_own(params.url.path, body):
+            EXPOSURE.proxy_bodies.append(body)
+
+    trace.on_response_chunk_received.append(on_chunk)
+    trace.on_request_end.append(on_end)
+    return trace
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    port: int
+    app: web.Application
+    config: Config
+    runner: web.AppRunner
+
+    @property
+    def state(self) -> Proxy:
+        return self.app[PROXY]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """Start the real proxy app on 127.0.0.1:0 from a config mapping."""
+    running: list[RunningProxy] = []
+
+    async def start(raw: dict[str, Any], env: dict[str, str] | None = None) -> RunningProxy:
+        config = parse_config(raw, env=env or {})
+        app = create_app(config)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        proxy = RunningProxy(f"http://127.0.0.1:{port}", port, app, config, runner)
+        if EXPOSURE is not None:
+            EXPOSURE.secrets |= config.secrets
+        running.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(running):
+        await proxy.runner.cleanup()
+
+
+@dataclass
+class Echo:
+    state: EchoState
+    url: str
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    state = EchoState()
+    async with await serve(create_echo_app(state)) as running:
+        yield Echo(state, running.url)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client: no cookies kept, bodies as sent; its answers feed the leak check."""
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trace_configs=[_tracing()]
+    ) as session:
+        yield session
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    """Parse captured stdout into log records (every line must be JSON)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
