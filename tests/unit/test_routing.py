@@ -1,0 +1,175 @@
+"""Property tests for the pure routing functions, with the known edge cases pinned."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from proxy.errors import BadRequest
+from proxy.routing import (
+    REDACTED,
+    Target,
+    build_upstream_url,
+    check_remainder,
+    match_prefix,
+    redact_query,
+    rewrite_location,
+    sort_prefixes,
+    split_target,
+    strip_query_params,
+)
+
+segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=6)
+prefix = st.lists(segment, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
+# Anything a client could put in a path: printable ASCII plus escapes.
+raw_path_chars = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40
+)
+base_url = st.sampled_from(
+    [
+        "http://api.example.com",
+        "https://h.example:8443/v1",
+        "http://127.0.0.1:9/a/b",
+        "https://x.io/api",
+    ]
+)
+
+
+@given(st.lists(prefix, min_size=1, max_size=6, unique=True), raw_path_chars)
+@example(["/pay", "/paymo"], "/paymo/x")
+@example(["/paymo"], "/pay/x")
+@example(["/a", "/a/b"], "/a/b/c")
+@example(["/a"], "/a")
+def test_match_is_longest_segment_boundary_prefix(prefixes: list[str], tail: str) -> None:
+    path = "/" + tail.lstrip("/")
+    matched = match_prefix(sort_prefixes(prefixes), path)
+    candidates = [p for p in prefixes if path == p or path.startswith(p + "/")]
+    if not candidates:
+        assert matched is None
+        return
+    assert matched is not None
+    best = max(candidates, key=len)
+    assert matched == (best, path[len(best) :])
+    assert matched[1] == "" or matched[1].startswith("/")
+
+
+def test_pay_does_not_match_paymo() -> None:
+    assert match_prefix(["/pay"], "/paymo/clients") is None
+    assert match_prefix(sort_prefixes(["/pay", "/paymo"]), "/paymo/clients") == (
+        "/paymo",
+        "/clients",
+    )
+
+
+@given(base_url, raw_path_chars, st.text(alphabet="abc=&%20+", max_size=20))
+@example("https://x.io/api", "/..%2f..%2fevil.com", "")
+@example("http://api.example.com", "//evil.com/x", "")
+@example("http://api.example.com", "/@evil.com", "")
+@example("https://h.example:8443/v1", "", "a=1")
+def test_built_url_never_leaves_host_or_base_path(base: str, tail: str, query: str) -> None:
+    remainder = "/" + tail if tail else ""
+    try:
+        check_remainder(remainder)
+    except BadRequest:
+        return
+    url = build_upstream_url(base, remainder, query)
+    want, got = urlsplit(base), urlsplit(url)
+    assert (got.scheme, got.hostname, got.port) == (want.scheme, want.hostname, want.port)
+    assert got.path.startswith(want.path)
+    # Byte for byte: nothing re-encoded.
+    assert url == base + (remainder or ("" if want.path else "/")) + (f"?{query}" if query else "")
+
+
+@pytest.mark.parametrize(
+    "remainder",
+    [
+        "/..",
+        "/../x",
+        "/a/./b",
+        "/%2e%2e/x",
+        "/%2E%2e",
+        "/.%2e/x",
+        "/%2e",
+        "/a\\b",
+        "/a%5cb",
+        "/a%00b",
+        "/a\x01b",
+        "/x#frag",
+    ],
+)
+def test_unsafe_remainders_rejected(remainder: str) -> None:
+    with pytest.raises(BadRequest):
+        check_remainder(remainder)
+
+
+@pytest.mark.parametrize(
+    "remainder", ["", "/", "/a%2Fb", "/a%20b+c", "/...", "/.well-known/x", "/a..b"]
+)
+def test_safe_remainders_pass(remainder: str) -> None:
+    check_remainder(remainder)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://localhost:8080/paymo/x", "localhost:443", "*", "//evil.com/x", ""],
+)
+def test_non_origin_form_targets_rejected(target: str) -> None:
+    with pytest.raises(BadRequest):
+        split_target(target)
+
+
+def test_split_target_keeps_raw_query() -> None:
+    assert split_target("/a%2Fb?x=%20&y") == ("/a%2Fb", "x=%20&y")
+
+
+@given(st.lists(st.sampled_from(["token", "a", "b%20c", "tok", "x"]), max_size=6), st.data())
+@example(["token", "a"], None)
+def test_strip_query_keeps_other_bytes(names: list[str], data: st.DataObject | None) -> None:
+    parts = [f"{n}=v{i}" for i, n in enumerate(names)]
+    query = "&".join(parts)
+    stripped = strip_query_params(query, frozenset({"token"}))
+    kept = [p for p in parts if not p.startswith("token=")]
+    assert stripped == "&".join(kept)
+
+
+def test_strip_query_matches_decoded_names() -> None:
+    assert strip_query_params("to%6Ben=1&a=2&token&b", frozenset({"token"})) == "a=2&b"
+
+
+def test_redact_query() -> None:
+    assert redact_query("/p?token=abc&a=1&api_key=k&refresh_token=r") == (
+        f"/p?token={REDACTED}&a=1&api_key={REDACTED}&refresh_token={REDACTED}"
+    )
+    assert redact_query("/p") == "/p"
+
+
+TARGET = Target.from_url("https://app.paymoapp.com/api")
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("https://app.paymoapp.com/api/clients/1", "/paymo/clients/1"),
+        ("https://APP.paymoapp.com:443/api/x?y=1", "/paymo/x?y=1"),
+        ("https://app.paymoapp.com/api", "/paymo"),
+        ("/api/clients", "/paymo/clients"),
+        ("/apix/clients", "/apix/clients"),
+        ("/other", "/other"),
+        ("https://app.paymoapp.com/other", "https://app.paymoapp.com/other"),
+        ("http://app.paymoapp.com/api/x", "http://app.paymoapp.com/api/x"),
+        ("https://evil.com/api/x", "https://evil.com/api/x"),
+        ("relative/path", "relative/path"),
+        ("//app.paymoapp.com/api/x", "//app.paymoapp.com/api/x"),
+    ],
+)
+def test_rewrite_location(location: str, expected: str) -> None:
+    assert rewrite_location(location, TARGET, "/paymo") == expected
+
+
+def test_rewrite_location_root_base() -> None:
+    target = Target.from_url("http://127.0.0.1:9000")
+    assert rewrite_location("http://127.0.0.1:9000/x", target, "/e") == "/e/x"
+    assert rewrite_location("/x", target, "/e") == "/e/x"
