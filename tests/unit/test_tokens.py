@@ -152,14 +152,14 @@ async def test_retry_after_sets_a_floor() -> None:
 
 
 async def test_expiry_in_the_past_is_a_failure() -> None:
-    tm, source, _ = manager(lifetime=-5)
+    tm, _source, _ = manager(lifetime=-5)
     with pytest.raises(AuthFailed, match="already expired"):
         await tm.get()
     assert tm.status()["state"] == "backoff"
 
 
 async def test_unknown_expiry_lives_until_rejected() -> None:
-    tm, source, clock = manager(lifetime=None)
+    tm, _source, clock = manager(lifetime=None)
     token = await tm.get()
     clock.now += 10**6
     assert await tm.get() is token
