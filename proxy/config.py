@@ -378,21 +378,6 @@ class Config(Strict):
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
 
-    @field_validator("upstreams")
-    @classmethod
-    def _names_and_prefixes(cls, value: dict[str, Upstream]) -> dict[str, Upstream]:
-        seen: dict[str, str] = {}
-        for name, upstream in value.items():
-            if not _NAME.match(name):
-                raise ValueError(f"bad upstream name {name!r}: letters, digits, _ . - only")
-            prefix = upstream.prefix or f"/{name}"
-            if prefix == "/-":
-                raise ValueError(f"{name}: /- is reserved for the admin endpoints")
-            if prefix in seen:
-                raise ValueError(f"{name} and {seen[prefix]} share the prefix {prefix}")
-            seen[prefix] = name
-        return value
-
     @property
     def secrets(self) -> frozenset[str]:
         return self._secrets
@@ -499,6 +484,26 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _check_upstream_names(raw: dict[str, Any], problems: list[Problem]) -> None:
+    """Names and prefixes, checked on the raw document so they are reported even
+    when an upstream has other problems too."""
+    upstreams = raw.get("upstreams")
+    if not isinstance(upstreams, dict):
+        return
+    seen: dict[str, str] = {}
+    for name, body in upstreams.items():
+        name = str(name)
+        if not _NAME.match(name):
+            problems.append(Problem(f"upstreams.{name}", "bad name: letters, digits, _ . - only"))
+        prefix = body.get("prefix") if isinstance(body, dict) else None
+        prefix = (prefix.rstrip("/") if isinstance(prefix, str) else None) or f"/{name}"
+        if prefix in seen:
+            problems.append(
+                Problem(f"upstreams.{name}", f"shares the prefix {prefix} with {seen[prefix]}")
+            )
+        seen.setdefault(prefix, name)
+
+
 def _problem_from_pydantic(error: Mapping[str, Any]) -> Problem:
     loc = [str(part) for part in error["loc"]]
     # A discriminated union puts the tag into the location: auth.<type>.field.
@@ -564,10 +569,17 @@ def parse_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+    _check_upstream_names(raw, problems)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_problem_from_pydantic(e) for e in exc.errors())
+        # A reference that failed to resolve already has its problem; its empty
+        # stand-in value would only add a second, confusing one at the same path.
+        unresolved = {p.path for p in problems}
+        for error in exc.errors():
+            problem = _problem_from_pydantic(error)
+            if problem.path not in unresolved:
+                problems.append(problem)
         config = None
     if problems or config is None:
         raise ConfigError(problems)

@@ -1,0 +1,215 @@
+"""Config validation: every problem at once, each with its dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import (
+    HeaderAuth,
+    LoginAuth,
+    PaymoSession,
+    load_config,
+    parse_config,
+)
+from proxy.errors import ConfigError
+
+
+def problems(raw: Any, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env=env or {})
+    return [str(p) for p in info.value.problems]
+
+
+def up(**fields: Any) -> dict[str, Any]:
+    return {"upstreams": {"api": {"url": "https://api.example.com/v1", **fields}}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"upstreams": {"api": {}}}, "upstreams.api.url: required"),
+        (up(bogus=1), "upstreams.api.bogus: unknown key"),
+        ({**up(), "lisen": {}}, "lisen: unknown key"),
+        (up(auth={"type": "nope"}), "upstreams.api.auth: unknown auth type"),
+        (up(auth={"name": "X"}), "upstreams.api.auth: type: required"),
+        (up(auth={"type": "header", "name": "X"}), "upstreams.api.auth.value: required"),
+        (
+            up(auth={"type": "header", "name": "X", "value": "v", "extra": 1}),
+            "upstreams.api.auth.extra: unknown key",
+        ),
+        (
+            up(
+                auth={
+                    "type": "oauth2_client_credentials",
+                    "token_url": "https://t",
+                    "client_id": "a",
+                }
+            ),
+            "upstreams.api.auth.client_secret: required",
+        ),
+        (
+            up(auth={"type": "paymo_session"}),
+            "upstreams.api.auth: needs api_key, or email and password",
+        ),
+        (
+            up(auth={"type": "header", "name": "X", "value": "${NOPE}"}),
+            "environment variable NOPE is not set",
+        ),
+        (up(url="ftp://x"), "upstreams.api.url: URL must be http:// or https://"),
+        (up(url="https://x/y?q=1"), "must not carry a query"),
+        (up(prefix="nope"), "upstreams.api.prefix: must start with /"),
+        (up(prefix="/-/x"), "reserved"),
+        (up(retry_statuses=[200]), "upstreams.api.retry_statuses.0"),
+        (up(max_replay_body=-1), "upstreams.api.max_replay_body"),
+        (up(timeout={"read": 0}), "upstreams.api.timeout.read"),
+        (up(tls={"ca_file": "/nonexistent.pem"}), "upstreams.api.tls.ca_file: file not found"),
+        ({**up(), "listen": {"port": 99999}}, "listen.port"),
+        ({**up(), "listen": {"port": "abc"}}, "listen.port"),
+        ({**up(), "log": {"format": "xml"}}, "log.format"),
+        ({"upstreams": {}}, "upstreams"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_each_problem_names_its_path(raw: Any, expected: str) -> None:
+    found = problems(raw)
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_reported_at_once() -> None:
+    raw = {
+        "listen": {"port": 70000},
+        "typo": True,
+        "upstreams": {
+            "a": {"url": "https://a", "auth": {"type": "basic"}},
+            "b": {"prefix": "/a", "url": "https://b"},
+            "c": {"url": "${MISSING}"},
+        },
+    }
+    found = problems(raw)
+    assert len(found) >= 4
+    joined = "\n".join(found)
+    for fragment in (
+        "listen.port",
+        "typo: unknown key",
+        "upstreams.a.auth.username: required",
+        "shares the prefix /a",
+        "MISSING",
+    ):
+        assert fragment in joined
+
+
+def test_interpolation_forms(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    config = parse_config(
+        up(
+            headers={"X-A": "${A}", "X-B": "${B:-fallback}", "X-C": "pre-${A}-post"},
+            auth={"type": "header", "name": "X-Key", "value": f"${{file:{secret_file}}}"},
+        ),
+        env={"A": "alpha"},
+    )
+    upstream = config.upstreams["api"]
+    assert upstream.headers == {"X-A": "alpha", "X-B": "fallback", "X-C": "pre-alpha-post"}
+    assert isinstance(upstream.auth, HeaderAuth)
+    assert upstream.auth.value.get_secret_value() == "from-file"
+    assert "from-file" in config.secrets
+
+
+def test_missing_file_reference() -> None:
+    found = problems(up(auth={"type": "header", "name": "X", "value": "${file:/no/such/file}"}))
+    assert found == [
+        "upstreams.api.auth.value: cannot read /no/such/file: No such file or directory"
+    ]
+
+
+def test_secrets_never_in_problem_messages() -> None:
+    found = problems(
+        up(auth={"type": "header", "name": "X", "value": "${S}", "oops": "x"}),
+        env={"S": "hunter2-secret"},
+    )
+    assert all("hunter2" not in p for p in found)
+
+
+def test_env_overrides_and_flag_overrides() -> None:
+    env = {"AUTHPROXY_PORT": "9001", "AUTHPROXY_HOST": "0.0.0.0", "AUTHPROXY_LOG_LEVEL": "DEBUG"}
+    config = parse_config({**up(), "listen": {"port": 1234}}, env=env)
+    assert (config.listen.host, config.listen.port, config.log.level) == ("0.0.0.0", 9001, "debug")
+    config = parse_config(up(), env=env, overrides={"listen.port": 9002, "listen.host": None})
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9002)
+
+
+def test_plain_http_token_url_needs_opt_in() -> None:
+    auth = {
+        "type": "oauth2_client_credentials",
+        "token_url": "http://auth.example.com/t",
+        "client_id": "a",
+        "client_secret": "b",
+    }
+    assert any("plain http://" in p for p in problems(up(auth=auth)))
+    parse_config(up(auth={**auth, "allow_insecure_token_url": True}), env={})
+    parse_config(up(auth={**auth, "token_url": "http://127.0.0.1:9/t"}), env={})
+
+
+def test_paymo_requires_one_credential_form() -> None:
+    assert problems(
+        up(auth={"type": "paymo_session", "api_key": "k", "email": "e", "password": "p"})
+    )
+    config = parse_config(up(auth={"type": "paymo_session", "email": "e", "password": "p"}), env={})
+    assert isinstance(config.upstreams["api"].auth, PaymoSession)
+
+
+def test_login_type_defaults() -> None:
+    config = parse_config(
+        up(
+            auth={
+                "type": "login",
+                "request": {"url": "https://api.example.com/login", "json": {"k": "v"}},
+                "token": "data.token",
+            }
+        ),
+        env={},
+    )
+    auth = config.upstreams["api"].auth
+    assert isinstance(auth, LoginAuth)
+    assert auth.request.method == "POST"
+    assert auth.inject.header == "Authorization"
+    assert auth.inject.value == "Bearer {token}"
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  a: {url: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad), env={})
+    assert "invalid YAML: line" in str(info.value)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("upstreams:\n  a: {url: 'https://a'}\n  a: {url: 'https://b'}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(str(dup), env={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"), env={})
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "config.example.yaml"
+    env = {
+        name: f"value-of-{name.lower()}"
+        for name in (
+            "PAYMO_API_KEY",
+            "PRIMAERP_API_KEY",
+            "PRIMAERP_USERNAME",
+            "PRIMAERP_PASSWORD",
+            "DIDOMI_KEY",
+            "DIDOMI_SECRET",
+            "GETPAID_CLIENT_ID",
+            "GETPAID_CLIENT_SECRET",
+            "EXAMPLE_USERNAME",
+            "EXAMPLE_PASSWORD",
+        )
+    }
+    config = load_config(str(example), env=env)
+    types = {u.auth.type for u in config.upstreams.values()}
+    assert {"paymo_session", "primaerp", "didomi", "oauth2_client_credentials", "login"} <= types
