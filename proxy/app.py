@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.config import Config
 from proxy.errors import (
@@ -226,7 +227,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, token_store: TokenStore | None = None) -> web.Application:
     app = web.Application(
-        handler_args={"max_line_size": 8190, "max_field_size": 8190},
+        middlewares=[_every_target],
+        # Bounded request lines and headers; idle keep-alive connections closed after 75 s
+        # (nginx's default) instead of aiohttp's hour.
+        handler_args={"max_line_size": 8190, "max_field_size": 8190, "keepalive_timeout": 75.0},
         client_max_size=1024**3,
     )
     app[CONFIG] = config
@@ -234,5 +238,13 @@ def create_app(config: Config, token_store: TokenStore | None = None) -> web.App
     if token_store is not None:
         app[STORE] = token_store
     app.cleanup_ctx.append(_lifecycle)
+    # Every origin-form path resolves to `handle` through this route; the
+    # middleware catches what the router cannot even parse as a path
+    # (`CONNECT host:443`, `OPTIONS *`) so those get our JSON 400 too.
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+@web.middleware
+async def _every_target(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await handle(request)

@@ -68,6 +68,21 @@ def _stdout_logger(*_args: Any) -> StdoutLogger:
     return StdoutLogger()
 
 
+class _StdlibBridge(logging.Handler):
+    """aiohttp reports protocol errors (malformed requests, resets) through stdlib
+    logging with full tracebacks; we keep one structured line, no traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        structlog.get_logger(record.name).log(
+            record.levelno if error is None else logging.INFO,
+            "http_protocol_error" if error is not None else "library_message",
+            message=record.getMessage()[:500],
+            error=type(error).__name__ if error is not None else None,
+            detail=str(error).splitlines()[0][:300] if error is not None and str(error) else None,
+        )
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
     REDACTOR.add(secrets)
     if fmt == "auto":
@@ -77,6 +92,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", secrets: Iterable[
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
+    bridge = _StdlibBridge()
+    for name in ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.client"):
+        library = logging.getLogger(name)
+        library.handlers = [bridge]
+        library.propagate = False
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
