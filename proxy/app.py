@@ -36,6 +36,8 @@ from proxy.errors import (
 )
 from proxy.forwarding import Route, build_route, describe, forward, new_upstream_session
 from proxy.logs import REDACTOR
+from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
 
@@ -57,6 +59,7 @@ class Proxy:
     allowed_hosts: frozenset[str] | None  # None: any host
     allowed_origins: frozenset[str]
     require_token: bytes | None
+    metrics: Metrics
     ready: bool = False
     shutting_down: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -127,6 +130,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     retried = False
     sent = 0
     status = 500
+    upstream_seconds: float | None = None
+    metrics = proxy.metrics
+    metrics.in_flight += 1
     try:
         _check_guards(proxy, request)
         path, query = split_target(raw_target)
@@ -153,6 +159,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             check_remainder(remainder)
             outcome = await forward(proxy.session, request, route, remainder, query, request_id)
             response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
+            upstream_seconds = outcome.upstream_seconds
         status = response.status
         return response
     except ProxyError as exc:
@@ -162,7 +169,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
         error = _error_response(exc, request_id)
         sent = len(error.body) if isinstance(error.body, bytes) else 0
         return error
+    except Exception:
+        # A bug of ours: say so in JSON, keep serving; the traceback has no locals.
+        log.exception("request_failed", request_id=request_id)
+        internal = ProxyError("internal error; see the proxy log", route.name if route else None)
+        status = internal.status
+        return _error_response(internal, request_id)
     finally:
+        metrics.in_flight -= 1
+        metrics.request_done(
+            route.name if route is not None else None,
+            request.method,
+            status,
+            upstream_seconds,
+            retried,
+        )
         access_log.info(
             "request_finished",
             method=request.method,
@@ -184,6 +205,10 @@ def _admin(proxy: Proxy, request: web.Request, path: str) -> web.Response:
     if path == "/-/ready":
         ready = proxy.ready and not proxy.shutting_down
         return _json(200 if ready else 503, {"ready": ready})
+    if path == "/-/metrics":
+        return web.Response(
+            body=proxy.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
     if path == "/-/status":
         return _json(200, {"upstreams": {r.name: describe(r) for r in proxy.routes.values()}})
     raise NoRoute("unknown admin endpoint; try /-/health or /-/status")
@@ -214,7 +239,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             allowed_hosts=hosts,
             allowed_origins=frozenset(config.allowed_origins),
             require_token=token.get_secret_value().encode() if token else None,
+            metrics=Metrics(),
         )
+        proxy.metrics.watch(lambda: [(r.name, r.auth.counters()) for r in routes.values()])
         app[PROXY] = proxy
         await asyncio.gather(*(r.auth.start() for r in routes.values()))
         proxy.ready = True

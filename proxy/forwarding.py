@@ -7,6 +7,7 @@ Everything a route needs per request is computed once in `build_route`;
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,7 @@ class Outcome:
     response: web.StreamResponse
     bytes_sent: int
     retried: bool
+    upstream_seconds: float  # until the (last) upstream response's headers
 
 
 async def _read_replayable(request: web.Request, limit: int) -> bytes | AsyncIterator[bytes]:
@@ -154,6 +156,7 @@ async def forward(
     replayable = body is None or isinstance(body, bytes)
 
     cred = await route.auth.credential()
+    sent_at = time.perf_counter()
     resp = await _send(session, request.method, route, remainder, query, headers, body, cred)
     retried = False
     if resp.status in route.retry_statuses and route.auth.refreshable:
@@ -166,7 +169,8 @@ async def forward(
             retried = True
         else:
             route.auth.invalidate(cred)
-    return await _stream_back(request, resp, route, request_id, retried)
+    upstream_seconds = time.perf_counter() - sent_at
+    return await _stream_back(request, resp, route, request_id, retried, upstream_seconds)
 
 
 async def _send(
@@ -208,6 +212,7 @@ async def _stream_back(
     route: Route,
     request_id: str,
     retried: bool,
+    upstream_seconds: float,
 ) -> Outcome:
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out_headers = out.headers
@@ -236,9 +241,9 @@ async def _stream_back(
         )
         if request.transport is not None:
             request.transport.abort()
-        return Outcome(out, sent, retried)
+        return Outcome(out, sent, retried, upstream_seconds)
     resp.release()
-    return Outcome(out, sent, retried)
+    return Outcome(out, sent, retried, upstream_seconds)
 
 
 def describe(route: Route) -> dict[str, Any]:

@@ -109,7 +109,8 @@ class TokenManager:
         self._failures = 0
         self._backoff_until = 0.0
         self.last_error: str | None = None
-        self.fetches = 0
+        self.fetch_success = 0
+        self.fetch_failure = 0
 
     # -- the hot path -------------------------------------------------------
 
@@ -169,14 +170,15 @@ class TokenManager:
     async def _fetch(self, reason: str) -> Token:
         first = self._last is None
         try:
-            self.fetches += 1
             grant = await self._source.fetch(self._last)
             token = self._date(grant)
         except AuthFailed as exc:
+            self.fetch_failure += 1
             self._fail(exc)
             raise
         finally:
             self._inflight = None
+        self.fetch_success += 1
         self._failures = 0
         self._backoff_until = 0.0
         self.last_error = None

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """An `Authorization: Basic` value (RFC 7617), UTF-8 as browsers and curl send it."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,4 +87,10 @@ class Authenticator(Protocol):
         """Called at shutdown, before the HTTP session closes: run logouts."""
         ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]:
+        """Token state for /-/status: {"state", "expires_in"}."""
+        ...
+
+    def counters(self) -> dict[str, Any]:
+        """For metrics: {"fetch_success", "fetch_failure", "ttl"}."""
+        ...

@@ -22,7 +22,7 @@ import structlog
 from multidict import CIMultiDictProxy
 
 from proxy import __version__
-from proxy.auth.base import Credential, Injection, Token
+from proxy.auth.base import Credential, Injection, Token, basic_authorization
 from proxy.auth.expiry import ExpiryError, dig, jwt_expiry, parse_expires_at, parse_expires_in
 from proxy.config import LoginAuth, RequestSpec
 from proxy.errors import AuthFailed
@@ -68,7 +68,7 @@ class TokenHttp:
         if spec.query:
             kwargs["params"] = {k: _fill(v, fill) for k, v in spec.query.items()}
         if spec.basic is not None:
-            kwargs["auth"] = aiohttp.BasicAuth(spec.basic.username, spec.basic.password)
+            headers["Authorization"] = basic_authorization(spec.basic.username, spec.basic.password)
         # Content-Type is explicit: the shared session never invents headers.
         if spec.json_body is not None:
             kwargs["json"] = _fill_json(spec.json_body, fill)
@@ -312,3 +312,11 @@ class TokenAuth:
 
     def status(self) -> dict[str, Any]:
         return self.manager.status()
+
+    def counters(self) -> dict[str, Any]:
+        manager = self.manager
+        return {
+            "fetch_success": manager.fetch_success,
+            "fetch_failure": manager.fetch_failure,
+            "ttl": manager.status()["expires_in"],
+        }

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from proxy.auth.base import Credential
+from proxy.auth.base import Credential, basic_authorization
 from proxy.config import BasicAuth, HeaderAuth, NoneAuth, QueryAuth
 
 
@@ -38,6 +37,9 @@ class StaticAuth:
     def status(self) -> dict[str, Any]:
         return {"state": "none", "expires_in": None}
 
+    def counters(self) -> dict[str, Any]:
+        return {"fetch_success": 0, "fetch_failure": 0, "ttl": None}
+
 
 def none_auth(cfg: NoneAuth) -> StaticAuth:
     return StaticAuth("none", Credential())
@@ -49,8 +51,7 @@ def header_auth(cfg: HeaderAuth) -> StaticAuth:
 
 
 def basic_auth(cfg: BasicAuth) -> StaticAuth:
-    pair = f"{cfg.username.get_secret_value()}:{cfg.password.get_secret_value()}"
-    value = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    value = basic_authorization(cfg.username.get_secret_value(), cfg.password.get_secret_value())
     return StaticAuth("basic", Credential(headers=(("Authorization", value),)))
 
 

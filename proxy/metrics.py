@@ -1,0 +1,106 @@
+"""Prometheus metrics for `GET /-/metrics`, one registry per app.
+
+The hot path only bumps plain counters and observes one histogram; token
+counts, token TTLs and the in-flight gauge are read from their owners when
+Prometheus scrapes, so they cost nothing per request.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.retries: Counter[str] = Counter()
+        self.in_flight = 0
+        self._latency = Histogram(
+            "authproxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["upstream"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self._latency_by_upstream: dict[str, Any] = {}
+
+    def watch(self, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+        """Register the scrape-time view of the upstreams: (name, auth.counters())."""
+        self.registry.register(_ScrapeCollector(self, sources))
+
+    def request_done(
+        self,
+        upstream: str | None,
+        method: str,
+        status: int,
+        upstream_seconds: float | None,
+        retried: bool,
+    ) -> None:
+        name = upstream or ""
+        method_class = "read" if method in READ_METHODS else "write"
+        self.requests[(name, method_class, f"{status // 100}xx")] += 1
+        if retried:
+            self.retries[name] += 1
+        if upstream is not None and upstream_seconds is not None:
+            child = self._latency_by_upstream.get(upstream)
+            if child is None:
+                child = self._latency_by_upstream[upstream] = self._latency.labels(upstream)
+            child.observe(upstream_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ScrapeCollector(Collector):
+    def __init__(
+        self, metrics: Metrics, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]
+    ) -> None:
+        self._metrics = metrics
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "authproxy_requests",
+            "Requests handled, by upstream (empty: no route), method class and status class.",
+            labels=["upstream", "method_class", "status_class"],
+        )
+        for (upstream, method_class, status_class), count in sorted(m.requests.items()):
+            requests.add_metric([upstream, method_class, status_class], count)
+        yield requests
+        retries = CounterMetricFamily(
+            "authproxy_retries", "Requests replayed after a retry status.", labels=["upstream"]
+        )
+        fetches = CounterMetricFamily(
+            "authproxy_token_fetches",
+            "Token requests (login, refresh) by outcome.",
+            labels=["upstream", "outcome"],
+        )
+        ttl = GaugeMetricFamily(
+            "authproxy_token_ttl_seconds",
+            "Seconds until the current token expires (absent: no token or no expiry).",
+            labels=["upstream"],
+        )
+        for name, counters in self._sources():
+            retries.add_metric([name], m.retries.get(name, 0))
+            fetches.add_metric([name, "success"], counters["fetch_success"])
+            fetches.add_metric([name, "failure"], counters["fetch_failure"])
+            if counters["ttl"] is not None:
+                ttl.add_metric([name], counters["ttl"])
+        yield retries
+        yield fetches
+        yield ttl
+        yield GaugeMetricFamily(
+            "authproxy_in_flight_requests", "Requests being handled now.", value=m.in_flight
+        )

@@ -1,0 +1,68 @@
+"""`/-/metrics` moves with the traffic: requests, retries, token fetches, TTL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.fakes import PaymoState, SeedFake, start_paymo
+
+
+@pytest.fixture
+async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
+    async with await start_paymo(PaymoState(lifetime=60)) as fake:
+        yield fake
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_metrics_count_requests_retries_and_token_fetches(start_proxy, paymo, client) -> None:
+    proxy = await start_proxy(
+        {
+            "upstreams": {
+                "paymo": {"url": paymo.url, "auth": {"type": "paymo_session", "api_key": "${K}"}}
+            }
+        },
+        env={"K": paymo.state.api_key},
+    )
+    for _ in range(5):
+        async with client.get(proxy.url + "/paymo/clients") as resp:
+            assert resp.status == 200
+    async with client.post(proxy.url + "/paymo/clients", json={"name": "x"}) as resp:
+        assert resp.status == 200
+    paymo.state.revoke_all()  # the next request sees 401, refreshes once, retries once
+    async with client.get(proxy.url + "/paymo/clients") as resp:
+        assert resp.status == 200
+    async with client.get(proxy.url + "/nowhere") as resp:
+        assert resp.status == 404
+
+    async with client.get(proxy.url + "/-/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        found = samples(await resp.text())
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    labels = {"upstream": "paymo", "method_class": "read", "status_class": "2xx"}
+    assert value("authproxy_requests_total", **labels) == 6
+    assert value("authproxy_requests_total", **{**labels, "method_class": "write"}) == 1
+    assert (
+        value("authproxy_requests_total", upstream="", method_class="read", status_class="4xx") == 1
+    )
+    assert value("authproxy_retries_total", upstream="paymo") == 1
+    assert value("authproxy_token_fetches_total", upstream="paymo", outcome="success") == 2
+    assert value("authproxy_token_fetches_total", upstream="paymo", outcome="failure") == 0
+    assert 0 < value("authproxy_token_ttl_seconds", upstream="paymo") <= 61
+    assert value("authproxy_upstream_latency_seconds_count", upstream="paymo") == 7
+    # The scrape itself is in flight while it is rendered.
+    assert value("authproxy_in_flight_requests") == 1
+    assert paymo.state.token_requests == 2
