@@ -357,6 +357,12 @@ class Listen(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     require_token: SecretStr | None = None
 
+    @field_validator("require_token", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        # `${PROXY_TOKEN:-}` left unset means "no inbound token", not "the empty token".
+        return None if value == "" else value
+
 
 class Log(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
