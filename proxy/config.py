@@ -42,6 +42,9 @@ ENV_OVERRIDES = {
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _METHOD = re.compile(r"^[A-Z]+$")
+_CTL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls except horizontal tab
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 field-name
 
 
 class Strict(BaseModel):
@@ -51,6 +54,8 @@ class Strict(BaseModel):
 
 
 def _check_url(value: str, *, what: str = "URL") -> str:
+    if _CTL_OR_SPACE.search(value):
+        raise ValueError(f"{what} must not contain spaces or control characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{what} must be http:// or https:// with a host")
@@ -64,6 +69,25 @@ def _check_url(value: str, *, what: str = "URL") -> str:
 
 
 UrlStr = Annotated[str, AfterValidator(_check_url)]
+
+
+def _check_header_name(value: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError("not a valid header name")
+    return value
+
+
+def _check_header_value(value: Any) -> Any:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(text, str) and _CTL.search(text):
+        # A newline here would split the header (or make every request fail).
+        raise ValueError("must not contain control characters such as newlines")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
+SecretHeaderValue = Annotated[SecretStr, AfterValidator(_check_header_value)]
 
 
 def _is_insecure_remote(url: str) -> bool:
@@ -84,8 +108,8 @@ class NoneAuth(Strict):
 
 class HeaderAuth(Strict):
     type: Literal["header"]
-    name: str = Field(min_length=1)
-    value: SecretStr
+    name: HeaderName
+    value: SecretHeaderValue
 
 
 class BasicAuth(Strict):
@@ -171,7 +195,7 @@ class RequestSpec(Strict):
     method: str = "POST"
     url: str
     basic: BasicCredentials | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
     query: dict[str, str] = Field(default_factory=dict)
     json_body: dict[str, Any] | None = Field(default=None, alias="json")
     form: dict[str, str] | None = None
@@ -203,8 +227,8 @@ class RefreshSpec(Strict):
 
 
 class Inject(Strict):
-    header: str | None = None
-    value: str = "Bearer {token}"
+    header: HeaderName | None = None
+    value: HeaderValue = "Bearer {token}"
     query: str | None = None
 
     @model_validator(mode="after")
@@ -301,7 +325,7 @@ class Upstream(Strict):
     prefix: str | None = None
     url: UrlStr
     auth: AuthConfig = NoneAuth()
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
     strip_headers: list[str] = Field(default_factory=list)
     strip_query: list[str] = Field(default_factory=list)
     allow_methods: list[str] | None = None

@@ -140,9 +140,9 @@ async def forward(
     query: str,
     request_id: str,
 ) -> Outcome:
-    headers = strip_inbound(
-        request.headers.items(), route.drop_headers, request.headers.get("Connection")
-    )
+    incoming = request.headers
+    connection = ",".join(incoming.getall("Connection")) if "Connection" in incoming else None
+    headers = strip_inbound(incoming.items(), route.drop_headers, connection)
     add_defaults(headers, route.defaults)
     headers.append(("X-Request-ID", request_id))
     query = strip_query_params(query, route.strip_query)
@@ -216,7 +216,9 @@ async def _stream_back(
 ) -> Outcome:
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out_headers = out.headers
-    for key, value in filter_response(resp.headers.items(), resp.headers.get("Connection")):
+    answer = resp.headers
+    connection = ",".join(answer.getall("Connection")) if "Connection" in answer else None
+    for key, value in filter_response(answer.items(), connection):
         if key.lower() == "location":
             value = rewrite_location(value, route.target, route.prefix)
         out_headers.add(key, value)

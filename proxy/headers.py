@@ -24,7 +24,8 @@ HOP_BY_HOP = frozenset(
 CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
 # Set by the proxy itself: Host comes from the upstream URL; Expect was already
 # answered by our server (forwarding it would make the upstream wait for nothing).
-PROXY_OWNED = frozenset({"host", "expect"})
+# X-Request-ID is re-added by the proxy (the client's value or a new one), once.
+PROXY_OWNED = frozenset({"host", "expect", "x-request-id"})
 
 
 def inbound_drop_set(injected_header: str | None, strip_headers: Iterable[str]) -> frozenset[str]:
