@@ -255,9 +255,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config, token_store: TokenStore | None = None) -> web.Application:
     app = web.Application(
         middlewares=[_every_target],
-        # Bounded request lines and headers; idle keep-alive connections closed after 75 s
-        # (nginx's default) instead of aiohttp's hour.
-        handler_args={"max_line_size": 8190, "max_field_size": 8190, "keepalive_timeout": 75.0},
+        # Bounded request lines and headers; a connection that sends no complete
+        # request (or idles between requests) for idle_timeout is closed.
+        handler_args={
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+            "max_headers": 100,
+            "keepalive_timeout": config.listen.idle_timeout,
+        },
         client_max_size=1024**3,
     )
     app[CONFIG] = config

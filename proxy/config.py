@@ -380,6 +380,9 @@ class Listen(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     require_token: SecretStr | None = None
+    # A connection must complete a request within this long of opening (slowloris)
+    # and may idle this long between requests: nginx's 60 s header / 75 s keep-alive.
+    idle_timeout: PositiveFloat = 75.0
 
     @field_validator("require_token", mode="before")
     @classmethod
