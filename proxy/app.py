@@ -45,6 +45,8 @@ access_log = structlog.get_logger("authproxy.access")
 log = structlog.get_logger("authproxy")
 
 ADMIN_PREFIX = "/-/"
+# Probes carry no secrets and these answers reveal none: no inbound token needed.
+UNGUARDED_ADMIN = frozenset({"/-/health", "/-/ready"})
 MAX_REQUEST_ID = 128
 
 
@@ -137,7 +139,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         _check_guards(proxy, request)
         path, query = split_target(raw_target)
         if path.startswith(ADMIN_PREFIX):
-            if path != "/-/health":
+            if path not in UNGUARDED_ADMIN:
                 _check_inbound_token(proxy, request)
             response: web.StreamResponse = _admin(proxy, request, path)
         else:
@@ -203,8 +205,10 @@ def _admin(proxy: Proxy, request: web.Request, path: str) -> web.Response:
     if path == "/-/health":
         return _json(200, {"status": "ok"})
     if path == "/-/ready":
-        ready = proxy.ready and not proxy.shutting_down
-        return _json(200 if ready else 503, {"ready": ready})
+        waiting = sorted(r.name for r in proxy.routes.values() if not r.auth.ready())
+        ready = proxy.ready and not proxy.shutting_down and not waiting
+        body = {"ready": ready, "shutting_down": proxy.shutting_down, "waiting_for_token": waiting}
+        return _json(200 if ready else 503, body)
     if path == "/-/metrics":
         return web.Response(
             body=proxy.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}

@@ -79,6 +79,10 @@ class Authenticator(Protocol):
         """The upstream refused `used`: return a fresh credential (shared by all who saw it)."""
         ...
 
+    def ready(self) -> bool:
+        """False while a `prefetch` upstream has no token yet (for /-/ready)."""
+        ...
+
     async def start(self) -> None:
         """Called once the app serves: fetch now if the config says `prefetch`."""
         ...

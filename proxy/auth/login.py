@@ -296,6 +296,9 @@ class TokenAuth:
             return await self.credential()
         return self._credential_for(await self.manager.rejected(used.token, status))
 
+    def ready(self) -> bool:
+        return not self.prefetch or self.manager.status()["state"] == "valid"
+
     async def start(self) -> None:
         if self.prefetch:
             await self.manager.prefetch()

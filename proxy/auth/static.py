@@ -28,6 +28,9 @@ class StaticAuth:
     async def rejected(self, used: Credential, status: int) -> Credential:
         return self.cred
 
+    def ready(self) -> bool:
+        return True
+
     async def start(self) -> None:
         return None
 

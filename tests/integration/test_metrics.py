@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -66,3 +67,37 @@ async def test_metrics_count_requests_retries_and_token_fetches(start_proxy, pay
     # The scrape itself is in flight while it is rendered.
     assert value("authproxy_in_flight_requests") == 1
     assert paymo.state.token_requests == 2
+
+
+async def test_ready_waits_for_prefetched_tokens(start_proxy, paymo, client) -> None:
+    paymo.state.token_failure = "500"
+    proxy = await start_proxy(
+        {
+            "upstreams": {
+                "paymo": {
+                    "url": paymo.url,
+                    "auth": {"type": "paymo_session", "api_key": "${K}", "prefetch": True},
+                }
+            }
+        },
+        env={"K": paymo.state.api_key},
+    )
+    assert paymo.state.token_requests == 1  # fetched at start, before any request
+    async with client.get(proxy.url + "/-/ready") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["waiting_for_token"] == ["paymo"]
+    async with client.get(proxy.url + "/-/health") as resp:
+        assert resp.status == 200  # alive, just not ready
+    paymo.state.token_failure = None
+    auth = proxy.state.routes["/paymo"].auth
+    deadline = asyncio.get_running_loop().time() + 3
+    while auth.status()["state"] == "backoff":  # the first failure backs off 1 s
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    async with client.get(proxy.url + "/paymo/me") as resp:
+        assert resp.status == 200
+    async with client.get(proxy.url + "/-/ready") as resp:
+        assert resp.status == 200
+    proxy.state.shutting_down = True
+    async with client.get(proxy.url + "/-/ready") as resp:
+        assert resp.status == 503
