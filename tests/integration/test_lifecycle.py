@@ -102,7 +102,8 @@ async def test_sigterm_drains_in_flight_requests_then_logs_out(tmp_path: Path, p
             assert [r.status for r in responses] == [200] * 5
             for r in responses:
                 r.release()
-        assert proc.wait(timeout=15) == 0
+        # Wait without blocking the loop: the fakes in this process must answer the logout.
+        assert await asyncio.to_thread(proc.wait, 15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -136,7 +137,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path, echo) -> None:
             await asyncio.sleep(0.3)
             assert proc.poll() is None  # draining: waits for the slow request
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 1
+            assert await asyncio.to_thread(proc.wait, 5) == 1
             with pytest.raises(aiohttp.ClientError):
                 await pending
     finally:
