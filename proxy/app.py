@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -34,12 +33,13 @@ from proxy.errors import (
     ProxyAuthRequired,
     ProxyError,
 )
-from proxy.forwarding import Route, build_route, describe, forward, new_upstream_session
+from proxy.forwarding import Route, build_route, describe, forward, new_token_session
 from proxy.logs import REDACTOR
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
+from proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 
 access_log = structlog.get_logger("authproxy.access")
 log = structlog.get_logger("authproxy")
@@ -55,7 +55,7 @@ class Proxy:
     """Everything the handler needs, built once when the app starts."""
 
     config: Config
-    session: aiohttp.ClientSession
+    client: UpstreamClient
     routes: dict[str, Route]
     prefixes: list[str]
     allowed_hosts: frozenset[str] | None  # None: any host
@@ -159,7 +159,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     tuple(sorted(route.allow_methods)),
                 )
             check_remainder(remainder)
-            outcome = await forward(proxy.session, request, route, remainder, query, request_id)
+            outcome = await forward(proxy.client, request, route, remainder, query, request_id)
             response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
             upstream_seconds = outcome.upstream_seconds
         status = response.status
@@ -221,11 +221,12 @@ def _admin(proxy: Proxy, request: web.Request, path: str) -> web.Response:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app.get(STORE)
-    session = new_upstream_session()
+    token_session = new_token_session()
+    client = AiohttpUpstreamClient(pool_size=config.pool_size)
     routes: dict[str, Route] = {}
     try:
         for name, upstream in config.upstreams.items():
-            route = build_route(name, upstream, config, session, store)
+            route = build_route(name, upstream, config, token_session, store)
             routes[route.prefix] = route
             if not upstream.tls.verify:
                 log.warning("tls_verification_disabled", upstream=name)
@@ -237,7 +238,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token = config.listen.require_token
         proxy = Proxy(
             config=config,
-            session=session,
+            client=client,
             routes=routes,
             prefixes=sort_prefixes(routes),
             allowed_hosts=hosts,
@@ -253,7 +254,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         proxy.shutting_down = True
         await asyncio.gather(*(r.auth.close() for r in routes.values()), return_exceptions=True)
     finally:
-        await session.close()
+        await client.close()
+        await token_session.close()
 
 
 def create_app(config: Config, token_store: TokenStore | None = None) -> web.Application:

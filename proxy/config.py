@@ -407,6 +407,8 @@ class Config(Strict):
     allowed_origins: list[str] = Field(default_factory=list)
     log: Log = Log()
     shutdown_timeout: NonNegativeFloat = 10.0
+    # Largest number of upstream connections kept open (all upstreams together).
+    pool_size: int = Field(default=256, ge=1, le=100_000)
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())

@@ -15,20 +15,16 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from yarl import URL
 
 from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
-from proxy.routing import Target, build_upstream_url, rewrite_location, strip_query_params
+from proxy.routing import Target, build_upstream_target, rewrite_location, strip_query_params
 from proxy.tokens import TokenStore
+from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("authproxy.forwarding")
-
-# Headers aiohttp's client would otherwise invent; the upstream sees only what the
-# client sent (plus the credential, Host and the route's defaults).
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -36,7 +32,7 @@ class Route:
     name: str
     prefix: str
     target: Target
-    base_url: str
+    endpoint: Endpoint
     auth: Authenticator
     drop_headers: frozenset[str]
     strip_query: frozenset[str]
@@ -44,8 +40,6 @@ class Route:
     allow_methods: frozenset[str] | None
     retry_statuses: frozenset[int]
     max_replay_body: int
-    timeout: aiohttp.ClientTimeout
-    ssl: ssl.SSLContext | bool
     url: str
 
 
@@ -70,11 +64,21 @@ def build_route(
     if auth.injected_query:
         strip_query.add(auth.injected_query)
     target = Target.from_url(upstream.url)
+    endpoint = Endpoint(
+        scheme=target.scheme,
+        host=target.host,
+        port=target.port,
+        host_header=target.origin.split("://", 1)[1],
+        base=target.origin,
+        ssl=ssl_ctx,
+        connect_timeout=upstream.timeout.connect,
+        read_timeout=upstream.timeout.read,
+    )
     return Route(
         name=name,
         prefix=config.prefix_of(name),
         target=target,
-        base_url=upstream.url.rstrip("/"),
+        endpoint=endpoint,
         auth=auth,
         drop_headers=inbound_drop_set(auth.injected_header, upstream.strip_headers),
         strip_query=frozenset(strip_query),
@@ -82,22 +86,16 @@ def build_route(
         allow_methods=frozenset(upstream.allow_methods) if upstream.allow_methods else None,
         retry_statuses=frozenset(upstream.retry_statuses),
         max_replay_body=upstream.max_replay_body,
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.timeout.connect, sock_read=upstream.timeout.read
-        ),
-        ssl=ssl_ctx,
         url=upstream.url,
     )
 
 
-def new_upstream_session(pool_size: int = 512) -> aiohttp.ClientSession:
-    """The one pooled session for all upstreams: no cookie jar (one client's cookies
-    must never ride on another's request) and no decompression (bodies pass as sent)."""
+def new_token_session() -> aiohttp.ClientSession:
+    """The session token, refresh and logout requests go through (not the hot path)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=60),
         cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=SKIP_AUTO_HEADERS,
+        skip_auto_headers=("User-Agent", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
@@ -133,7 +131,7 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
 
 
 async def forward(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     request: web.Request,
     route: Route,
     remainder: str,
@@ -147,7 +145,7 @@ async def forward(
     headers.append(("X-Request-ID", request_id))
     query = strip_query_params(query, route.strip_query)
 
-    body: bytes | AsyncIterator[bytes] | None = None
+    body: Body = None
     if request.body_exists:
         if route.auth.refreshable:
             body = await _read_replayable(request, route.max_replay_body)
@@ -157,15 +155,13 @@ async def forward(
 
     cred = await route.auth.credential()
     sent_at = time.perf_counter()
-    resp = await _send(session, request.method, route, remainder, query, headers, body, cred)
+    resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
     retried = False
     if resp.status in route.retry_statuses and route.auth.refreshable:
         if replayable:
             resp.release()
             cred = await route.auth.rejected(cred, resp.status)
-            resp = await _send(
-                session, request.method, route, remainder, query, headers, body, cred
-            )
+            resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
             retried = True
         else:
             route.auth.invalidate(cred)
@@ -174,33 +170,25 @@ async def forward(
 
 
 async def _send(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     method: str,
     route: Route,
     remainder: str,
     query: str,
     headers: list[tuple[str, str]],
-    body: bytes | AsyncIterator[bytes] | None,
+    body: Body,
     cred: Credential,
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     if cred.query:
         query = f"{query}&{cred.query}" if query else cred.query
-    url = URL(build_upstream_url(route.base_url, remainder, query), encoded=True)
+    target = build_upstream_target(route.target.base_path, remainder, query)
     if cred.headers:
         headers = headers + list(cred.headers)
     try:
-        return await session.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            timeout=route.timeout,
-            ssl=route.ssl,
-        )
+        return await client.send(route.endpoint, method, target, headers, body)
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {route.name} did not answer in time", route.name) from None
-    except aiohttp.ClientError as exc:
+    except OSError as exc:  # ConnectionError and friends
         raise UpstreamUnreachable(
             f"upstream {route.name} unreachable ({type(exc).__name__})", route.name
         ) from None
@@ -208,7 +196,7 @@ async def _send(
 
 async def _stream_back(
     request: web.Request,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     route: Route,
     request_id: str,
     retried: bool,
@@ -217,8 +205,8 @@ async def _stream_back(
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out_headers = out.headers
     answer = resp.headers
-    connection = ",".join(answer.getall("Connection")) if "Connection" in answer else None
-    for key, value in filter_response(answer.items(), connection):
+    connection = ",".join(v for k, v in answer if k.lower() == "connection") or None
+    for key, value in filter_response(answer, connection):
         if key.lower() == "location":
             value = rewrite_location(value, route.target, route.prefix)
         out_headers.add(key, value)
@@ -227,11 +215,11 @@ async def _stream_back(
     sent = 0
     try:
         await out.prepare(request)
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_chunks():
             await out.write(chunk)
             sent += len(chunk)
         await out.write_eof()
-    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+    except (OSError, TimeoutError, aiohttp.ClientError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         resp.close()
         log.warning(

@@ -89,10 +89,21 @@ def check_remainder(remainder: str) -> None:
             raise BadRequest("path must not contain . or .. segments")
 
 
+def build_upstream_target(base_path: str, remainder: str, query: str) -> str:
+    """The request target sent upstream: base path + remainder (+ query), as sent.
+
+    `base_path` is "" or "/api" (no trailing slash); `remainder` is "" or starts
+    with "/", so the result always starts with the base path.
+    """
+    path = base_path + remainder or "/"
+    return f"{path}?{query}" if query else path
+
+
 def build_upstream_url(base_url: str, remainder: str, query: str) -> str:
-    """`base_url` has no trailing slash; `remainder` is "" or starts with "/"."""
-    path = remainder or ("" if urlsplit(base_url).path else "/")
-    return f"{base_url}{path}?{query}" if query else f"{base_url}{path}"
+    """`base_url` has no trailing slash; the full URL of `build_upstream_target`."""
+    parts = urlsplit(base_url)
+    origin = base_url[: len(base_url) - len(parts.path)] if parts.path else base_url
+    return origin + build_upstream_target(parts.path, remainder, query)
 
 
 def strip_query_params(query: str, names: frozenset[str]) -> str:
