@@ -44,6 +44,7 @@ class Grant:
     expires_at: float | None  # wall-clock epoch seconds, or None when unknown
     refresh_token: str | None
     via: str  # "login" or "refresh"
+    endpoint_status: int = 200
 
 
 class TokenSource(Protocol):
@@ -204,8 +205,10 @@ class TokenManager:
         lifetime = grant.expires_at - self._wall()
         if lifetime <= 0:
             raise AuthFailed(
-                f"token endpoint for {self.upstream} returned a token that has already expired",
+                f"token endpoint for {self.upstream} answered {grant.endpoint_status} "
+                "with a token that has already expired",
                 self.upstream,
+                grant.endpoint_status,
             )
         skew = min(self._refresh_before, lifetime / 2)
         return Token(grant.value, now, now + lifetime, now + lifetime - skew, grant.refresh_token)

@@ -79,10 +79,14 @@ def jwt_expiry(token: str) -> float | None:
         claims = json.loads(base64.urlsafe_b64decode(payload))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(claims, dict):
+    if not isinstance(claims, dict) or claims.get("exp") is None:
         return None
-    exp = _number(claims.get("exp"))
-    return exp if exp is not None and math.isfinite(exp) else None
+    exp = _number(claims["exp"])
+    if exp is None or not math.isfinite(exp):
+        # A JWT that states an expiry we cannot read: refuse it rather than
+        # treat it as never expiring.
+        raise ExpiryError("the JWT's exp claim is not a number")
+    return exp
 
 
 def dig(document: Any, path: str) -> Any:

@@ -205,7 +205,7 @@ class LoginFlow:
                 upstream,
                 status,
             ) from None
-        return Grant(value, expires_at, refresh_token, via)
+        return Grant(value, expires_at, refresh_token, via, status)
 
     def _expiry(self, document: Any, token: str) -> float | None:
         """Expiry in the SPEC's order: expires_at, expires_in, JWT exp, lifetime."""

@@ -76,6 +76,8 @@ def test_jwt_exp() -> None:
     assert jwt_expiry(_jwt(["not", "a", "dict"])) is None
     assert jwt_expiry("opaque-session-id") is None
     assert jwt_expiry("a.!!!.c") is None
+    with pytest.raises(ExpiryError):
+        jwt_expiry(_jwt({"exp": "banana"}))
 
 
 def test_dig() -> None:
