@@ -34,14 +34,13 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.forwarding import Route, build_route, describe, forward, new_token_session
-from proxy.logs import REDACTOR
+from proxy.logs import ACCESS, REDACTOR
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
 from proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 
-access_log = structlog.get_logger("authproxy.access")
 log = structlog.get_logger("authproxy")
 
 ADMIN_PREFIX = "/-/"
@@ -186,16 +185,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
             upstream_seconds,
             retried,
         )
-        access_log.info(
-            "request_finished",
-            method=request.method,
-            path=redact_query(raw_target[:2048]),
-            upstream=route.name if route is not None else None,
-            status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            bytes=sent,
-            retried=retried,
-            request_id=request_id,
+        ACCESS.emit(
+            request.method,
+            redact_query(raw_target[:2048]),
+            route.name if route is not None else None,
+            status,
+            round((time.perf_counter() - started) * 1000, 3),
+            sent,
+            retried,
+            request_id,
         )
 
 

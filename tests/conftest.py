@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.app import PROXY, Proxy, create_app
 from proxy.config import Config, parse_config
 from proxy.fakes import ISSUED, EchoState, create_echo_app, serve
-from proxy.logs import StdoutLogger, configure_logging
+from proxy.logs import LineWriter, configure_logging
 
 # Credentials the fakes accept by default (and the demo uses): never to be printed.
 FAKE_CREDENTIALS = frozenset(
@@ -62,15 +62,13 @@ def no_secret_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Exposure]:
     proxy error body or /-/status answer seen during the test."""
     global EXPOSURE
     exposure = EXPOSURE = Exposure()
-    original = StdoutLogger.msg
+    original = LineWriter.write
 
-    def tapped(self: StdoutLogger, message: str) -> None:
-        exposure.log_lines.append(message)
-        original(self, message)
+    def tapped(self: LineWriter, line: str) -> None:
+        exposure.log_lines.append(line)
+        original(self, line)
 
-    monkeypatch.setattr(StdoutLogger, "msg", tapped)
-    for name in ("debug", "info", "warning", "warn", "error", "critical", "exception", "log"):
-        monkeypatch.setattr(StdoutLogger, name, tapped)
+    monkeypatch.setattr(LineWriter, "write", tapped)
     yield exposure
     EXPOSURE = None
     leaks = exposure.leaks()
