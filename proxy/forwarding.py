@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
@@ -25,6 +26,10 @@ from proxy.tokens import TokenStore
 from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("authproxy.forwarding")
+
+# Bodies up to this size with a Content-Length are sent in one write with the headers.
+SMALL_BODY = 64 * 1024
+NO_BODY = frozenset({204, 304})
 
 
 @dataclass(slots=True)
@@ -202,16 +207,22 @@ async def _stream_back(
     retried: bool,
     upstream_seconds: float,
 ) -> Outcome:
-    out = web.StreamResponse(status=resp.status, reason=resp.reason)
-    out_headers = out.headers
     answer = resp.headers
     connection = ",".join(v for k, v in answer if k.lower() == "connection") or None
+    out_headers: CIMultiDict[str] = CIMultiDict()
+    length = -1
     for key, value in filter_response(answer, connection):
-        if key.lower() == "location":
+        lower = key.lower()
+        if lower == "location":
             value = rewrite_location(value, route.target, route.prefix)
+        elif lower == "content-length" and value.isdigit():
+            length = int(value)
         out_headers.add(key, value)
     if "X-Request-ID" not in out_headers:
         out_headers["X-Request-ID"] = request_id
+    if 0 <= length <= SMALL_BODY and request.method != "HEAD" and resp.status not in NO_BODY:
+        return await _small_body(resp, route, out_headers, retried, upstream_seconds)
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
     sent = 0
     try:
         await out.prepare(request)
@@ -234,6 +245,32 @@ async def _stream_back(
         return Outcome(out, sent, retried, upstream_seconds)
     resp.release()
     return Outcome(out, sent, retried, upstream_seconds)
+
+
+async def _small_body(
+    resp: UpstreamResponse,
+    route: Route,
+    headers: CIMultiDict[str],
+    retried: bool,
+    upstream_seconds: float,
+) -> Outcome:
+    """A small body of known length is read first and sent with the headers in one
+    write; and if the upstream breaks off meanwhile, the client still gets a 502."""
+    try:
+        body = b"".join([chunk async for chunk in resp.iter_chunks()])
+    except (OSError, TimeoutError) as exc:
+        resp.close()
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout(f"upstream {route.name} stalled mid-body", route.name) from None
+        raise UpstreamUnreachable(
+            f"upstream {route.name} broke off mid-body ({type(exc).__name__})", route.name
+        ) from None
+    resp.release()
+    had_type = "Content-Type" in headers
+    out = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+    if not had_type:  # aiohttp would label it application/octet-stream; pass it as sent
+        out.headers.popall("Content-Type", None)
+    return Outcome(out, len(body), retried, upstream_seconds)
 
 
 def describe(route: Route) -> dict[str, Any]:
