@@ -6,6 +6,7 @@ Everything a route needs per request is computed once in `build_route`;
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from multidict import CIMultiDict
 
 from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
 from proxy.routing import Target, build_upstream_target, rewrite_location, strip_query_params
 from proxy.tokens import TokenStore
@@ -113,12 +114,15 @@ class Outcome:
     upstream_seconds: float  # until the (last) upstream response's headers
 
 
-async def _read_replayable(request: web.Request, limit: int) -> bytes | AsyncIterator[bytes]:
+async def _read_replayable(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes]:
     """Keep bodies up to `limit` bytes so a 401 can be replayed; stream larger ones."""
     length = request.content_length
     if length is not None:
         if length <= limit:
-            return await request.read()
+            try:
+                return await request.content.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise BadRequest("request body ended before its Content-Length") from None
         return request.content.iter_any()
     buffered = bytearray()
     while len(buffered) <= limit:
@@ -137,7 +141,7 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
 
 async def forward(
     client: UpstreamClient,
-    request: web.Request,
+    request: web.BaseRequest,
     route: Route,
     remainder: str,
     query: str,
@@ -152,6 +156,13 @@ async def forward(
 
     body: Body = None
     if request.body_exists:
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # The guards have passed: now invite the body (aiohttp's web.Application
+            # would do this for us; the low-level server leaves it to the handler).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if route.auth.refreshable:
             body = await _read_replayable(request, route.max_replay_body)
         else:
@@ -200,7 +211,7 @@ async def _send(
 
 
 async def _stream_back(
-    request: web.Request,
+    request: web.BaseRequest,
     resp: UpstreamResponse,
     route: Route,
     request_id: str,

@@ -1,8 +1,9 @@
-"""Running the app as a process: listen, wait for a signal, drain, log out, exit.
+"""Running the app: listen, serve, drain, log out.
 
-SIGINT/SIGTERM stop accepting, let in-flight requests finish for up to
-`shutdown_timeout`, run logouts (the app's cleanup), and return. A second
-signal during the drain exits at once.
+`ProxyRunner` is what both the CLI and the tests use, so tests exercise the
+same serving path as production. SIGINT/SIGTERM (in `serve`) stop accepting,
+let in-flight requests finish for up to `shutdown_timeout`, run logouts (the
+app's cleanup), and return; a second signal during the drain exits at once.
 """
 
 from __future__ import annotations
@@ -15,10 +16,56 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from proxy.app import PROXY, create_app
+from proxy.app import PROXY, Proxy, create_app, make_server
 from proxy.config import Config
+from proxy.logs import WRITER
+from proxy.tokens import TokenStore
 
 log = structlog.get_logger("authproxy")
+
+
+class ProxyRunner:
+    """Start-up, one listening socket, and the orderly shutdown of a proxy app."""
+
+    def __init__(self, config: Config, token_store: TokenStore | None = None) -> None:
+        self.config = config
+        self.app = create_app(config, token_store)
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+        self.stopped = False
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.app[PROXY]
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Build the proxy (sessions, authenticators, prefetch), then listen."""
+        self.app.on_startup.freeze()  # as aiohttp's AppRunner does
+        await self.app.startup()
+        self.app.freeze()
+        self._runner = web.ServerRunner(
+            make_server(self.app), shutdown_timeout=self.config.shutdown_timeout
+        )
+        await self._runner.setup()
+        host = self.config.listen.host if host is None else host
+        port = self.config.listen.port if port is None else port
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests, then log out and close. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.proxy.shutting_down = True
+        try:
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            await self.app.shutdown()
+            await self.app.cleanup()
 
 
 async def serve(
@@ -28,32 +75,27 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until a signal (or `stop`) arrives; `on_ready` receives the bound port."""
-    app = create_app(config)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout
-    )
-    await runner.setup()
+    runner = ProxyRunner(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
             log.warning("proxy_killed", signal=signal.Signals(signum).name)
+            WRITER.flush()
             os._exit(1)
         log.info("proxy_stopping", signal=signal.Signals(signum).name)
-        app[PROXY].shutting_down = True
+        runner.proxy.shutting_down = True
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
-        await site.start()
-        port = runner.addresses[0][1]
+        port = await runner.start()
         log.info(
             "proxy_started",
             listen=f"http://{config.listen.host}:{port}",
-            upstreams={r.prefix: r.url for r in app[PROXY].routes.values()},
+            upstreams={r.prefix: r.url for r in runner.proxy.routes.values()},
         )
         if on_ready is not None:
             result = on_ready(port)
@@ -61,7 +103,8 @@ async def serve(
                 await result
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await runner.stop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         log.info("proxy_stopped")
+        WRITER.flush()

@@ -88,6 +88,8 @@ class _AiohttpResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
+        except TimeoutError:  # aiohttp's read timeout is both a TimeoutError and a ClientError
+            raise
         except aiohttp.ClientError as exc:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
 

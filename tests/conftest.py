@@ -16,10 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import PROXY, Proxy, create_app
+from proxy.app import PROXY, Proxy
 from proxy.config import Config, parse_config
 from proxy.fakes import ISSUED, EchoState, create_echo_app, serve
 from proxy.logs import LineWriter, configure_logging
+from proxy.server import ProxyRunner
 
 # Credentials the fakes accept by default (and the demo uses): never to be printed.
 FAKE_CREDENTIALS = frozenset(
@@ -123,33 +124,36 @@ class RunningProxy:
     port: int
     app: web.Application
     config: Config
-    runner: web.AppRunner
+    runner: ProxyRunner
 
     @property
     def state(self) -> Proxy:
         return self.app[PROXY]
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.runner.stop()
 
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
+@pytest.fixture(params=["lean", "aiohttp"])
+def upstream_client(request: pytest.FixtureRequest) -> str:
+    """Every proxy test runs with both upstream clients: they must behave the same."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def start_proxy() -> AsyncIterator[StartProxy]:
+async def start_proxy(upstream_client: str) -> AsyncIterator[StartProxy]:
     """Start the real proxy app on 127.0.0.1:0 from a config mapping."""
     running: list[RunningProxy] = []
 
     async def start(raw: dict[str, Any], env: dict[str, str] | None = None) -> RunningProxy:
+        raw = {"shutdown_timeout": 2, "upstream_client": upstream_client, **raw}
         config = parse_config(raw, env=env or {})
-        app = create_app(config)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = int(runner.addresses[0][1])
-        proxy = RunningProxy(f"http://127.0.0.1:{port}", port, app, config, runner)
+        runner = ProxyRunner(config)
+        port = await runner.start("127.0.0.1", 0)
+        proxy = RunningProxy(f"http://127.0.0.1:{port}", port, runner.app, config, runner)
         if EXPOSURE is not None:
             EXPOSURE.secrets |= config.secrets
         running.append(proxy)
@@ -157,7 +161,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
     yield start
     for proxy in reversed(running):
-        await proxy.runner.cleanup()
+        await proxy.runner.stop()
 
 
 @dataclass
