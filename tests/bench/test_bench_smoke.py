@@ -1,0 +1,81 @@
+"""The benchmark harness runs end to end (bench/run.py --smoke), so it never rots.
+
+Needs nginx, wrk and curl (CI installs them with apt). Without them the test
+fails, naming the apt command: a skipped benchmark is one nobody notices breaking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "bench" / "run.py"
+APT_COMMAND = "apt-get install -y nginx-light wrk"
+TARGETS = ("direct", "nginx", "authproxy", "authproxy-token")
+TABLE_HEADER = (
+    "| c | target | req/s | p50 µs | p99 µs | CPU µs/req (proxy) | CPU µs/req (upstream) "
+    "| req/s ÷ nginx | req/s ÷ direct | CPU ÷ nginx |"
+)
+
+
+def _missing_tools() -> list[str]:
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    found = {"nginx": nginx, "wrk": shutil.which("wrk"), "curl": shutil.which("curl")}
+    return [name for name, path in found.items() if path is None]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    missing = _missing_tools()
+    if missing:
+        pytest.fail(f"bench needs {', '.join(missing)}: {APT_COMMAND} curl")
+
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    json_files = sorted(tmp_path.glob("bench-*.json"))
+    md_files = sorted(tmp_path.glob("bench-*.md"))
+    assert len(json_files) == 1, sorted(p.name for p in tmp_path.iterdir())
+    assert len(md_files) == 1, sorted(p.name for p in tmp_path.iterdir())
+    data = json.loads(json_files[0].read_text())
+
+    summary = data["small"]["summary"]
+    assert sorted(summary) == sorted(TARGETS)
+    for target in TARGETS:
+        assert summary[target], target
+        for c, figures in summary[target].items():
+            assert figures["rps"] > 0, (target, c, figures)
+            assert figures["cpu_us_per_req"] > 0, (target, c, figures)
+            assert figures["non2xx"] == 0, (target, c, figures)
+            assert figures["socket_errors"] == 0, (target, c, figures)
+    for run in data["small"]["runs"]:
+        assert run["requests"] > 0, run
+    assert data["token_requests"] == 1, "the token route must fetch its token once, then cache it"
+    assert data["machine"]["nproc"] >= 1
+    assert data["command"][1].endswith("run.py")
+    assert {g["status"] for g in data["targets"]} <= {
+        "met (aim too)",
+        "met (must); aim not met",
+        "NOT met",
+        "not measured",
+    }
+
+    markdown = md_files[0].read_text()
+    assert TABLE_HEADER in markdown
+    assert "## Targets" in markdown
+    assert TABLE_HEADER in proc.stdout
