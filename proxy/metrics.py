@@ -1,18 +1,24 @@
 """Prometheus metrics for `GET /-/metrics`, one registry per app.
 
-The hot path only bumps plain counters and observes one histogram; token
-counts, token TTLs and the in-flight gauge are read from their owners when
-Prometheus scrapes, so they cost nothing per request.
+The hot path only bumps plain counters (no locks: the proxy is one event-loop
+thread); token counts, token TTLs and the in-flight gauge are read from their
+owners when Prometheus scrapes. prometheus-client renders the exposition format.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -26,14 +32,8 @@ class Metrics:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.retries: Counter[str] = Counter()
         self.in_flight = 0
-        self._latency = Histogram(
-            "authproxy_upstream_latency_seconds",
-            "Time from sending a request upstream to its response headers.",
-            ["upstream"],
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self._latency_by_upstream: dict[str, Any] = {}
+        # upstream -> per-bucket counts (last: +Inf) and the sum of observations.
+        self.latency: dict[str, tuple[list[int], list[float]]] = {}
 
     def watch(self, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
         """Register the scrape-time view of the upstreams: (name, auth.counters())."""
@@ -53,10 +53,11 @@ class Metrics:
         if retried:
             self.retries[name] += 1
         if upstream is not None and upstream_seconds is not None:
-            child = self._latency_by_upstream.get(upstream)
-            if child is None:
-                child = self._latency_by_upstream[upstream] = self._latency.labels(upstream)
-            child.observe(upstream_seconds)
+            entry = self.latency.get(upstream)
+            if entry is None:
+                entry = self.latency[upstream] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+            entry[0][bisect_left(LATENCY_BUCKETS, upstream_seconds)] += 1
+            entry[1][0] += upstream_seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,3 +105,16 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "authproxy_in_flight_requests", "Requests being handled now.", value=m.in_flight
         )
+        latency = HistogramMetricFamily(
+            "authproxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers.",
+            labels=["upstream"],
+        )
+        bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+        for upstream, (counts, total) in sorted(m.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric([upstream], cumulative, total[0])
+        yield latency
