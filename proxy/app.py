@@ -24,7 +24,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -77,7 +77,6 @@ class Proxy:
     metrics: Metrics
     ready: bool = False
     shutting_down: bool = False
-    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 PROXY = web.AppKey("proxy", Proxy)

@@ -48,10 +48,6 @@ class Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
 
-    @property
-    def base_url(self) -> str:
-        return self.origin + self.base_path
-
 
 def match_prefix(prefixes: Sequence[str], path: str) -> tuple[str, str] | None:
     """Longest prefix on segment boundaries: `/pay` never matches `/paymo`.
@@ -97,13 +93,6 @@ def build_upstream_target(base_path: str, remainder: str, query: str) -> str:
     """
     path = base_path + remainder or "/"
     return f"{path}?{query}" if query else path
-
-
-def build_upstream_url(base_url: str, remainder: str, query: str) -> str:
-    """`base_url` has no trailing slash; the full URL of `build_upstream_target`."""
-    parts = urlsplit(base_url)
-    origin = base_url[: len(base_url) - len(parts.path)] if parts.path else base_url
-    return origin + build_upstream_target(parts.path, remainder, query)
 
 
 def strip_query_params(query: str, names: frozenset[str]) -> str:

@@ -9,7 +9,6 @@ characters of what it said — never a secret or an issued token.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
@@ -275,7 +274,6 @@ class TokenAuth:
         self.injected_query = injection.query
         self.prefetch = prefetch
         self._cached: Credential | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def _credential_for(self, token: Token) -> Credential:
         cached = self._cached
