@@ -75,7 +75,6 @@ class Proxy:
     allowed_origins: frozenset[str]
     require_token: bytes | None
     metrics: Metrics
-    ready: bool = False
     shutting_down: bool = False
 
 
@@ -228,7 +227,8 @@ def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:
         return _json(200, {"status": "ok"})
     if path == "/-/ready":
         waiting = sorted(r.name for r in proxy.routes.values() if not r.auth.ready())
-        ready = proxy.ready and not proxy.shutting_down and not waiting
+        # Serving at all means start-up (prefetch included) is over.
+        ready = not proxy.shutting_down and not waiting
         body = {"ready": ready, "shutting_down": proxy.shutting_down, "waiting_for_token": waiting}
         return _json(200 if ready else 503, body)
     if path == "/-/metrics":
@@ -275,7 +275,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         proxy.metrics.watch(lambda: [(r.name, r.auth.counters()) for r in routes.values()])
         app[PROXY] = proxy
         await asyncio.gather(*(r.auth.start() for r in routes.values()))
-        proxy.ready = True
         yield
         proxy.shutting_down = True
         await asyncio.gather(*(r.auth.close() for r in routes.values()), return_exceptions=True)
