@@ -1093,6 +1093,8 @@ async def raw_upstream() -> AsyncIterator[StartRaw]:
             try:
                 upstream.heads.append(await reader.readuntil(b"\r\n\r\n"))
                 await behaviour(reader, writer)
+                writer.transport.set_write_buffer_limits(high=0)
+                await writer.drain()  # deliver all that was written before the abort
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                 upstream.errors.append(type(e).__name__)
             finally:

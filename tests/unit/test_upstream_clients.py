@@ -115,6 +115,10 @@ class RawServer:
         self.max_active = max(self.max_active, self.active)
         try:
             await self.handler(reader, writer, self)
+            # drain() only waits for the buffer to drop below the high-water mark;
+            # deliver every byte the handler wrote before the abort below.
+            writer.transport.set_write_buffer_limits(high=0)
+            await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
