@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
@@ -218,21 +217,24 @@ async def _stream_back(
     retried: bool,
     upstream_seconds: float,
 ) -> Outcome:
-    answer = resp.headers
-    connection = ",".join(v for k, v in answer if k.lower() == "connection") or None
-    out_headers: CIMultiDict[str] = CIMultiDict()
+    out_headers: list[tuple[str, str]] = []
     length = -1
-    for key, value in filter_response(answer, connection):
-        lower = key.lower()
+    has_id = has_type = False
+    for key, lower, value in filter_response(resp.headers):
         if lower == "location":
             value = rewrite_location(value, route.target, route.prefix)
-        elif lower == "content-length" and value.isdigit():
-            length = int(value)
-        out_headers.add(key, value)
-    if "X-Request-ID" not in out_headers:
-        out_headers["X-Request-ID"] = request_id
+        elif lower == "content-length":
+            if value.isdigit():
+                length = int(value)
+        elif lower == "content-type":
+            has_type = True
+        elif lower == "x-request-id":
+            has_id = True
+        out_headers.append((key, value))
+    if not has_id:
+        out_headers.append(("X-Request-ID", request_id))
     if 0 <= length <= SMALL_BODY and request.method != "HEAD" and resp.status not in NO_BODY:
-        return await _small_body(resp, route, out_headers, retried, upstream_seconds)
+        return await _small_body(resp, route, out_headers, has_type, retried, upstream_seconds)
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
     sent = 0
     try:
@@ -261,7 +263,8 @@ async def _stream_back(
 async def _small_body(
     resp: UpstreamResponse,
     route: Route,
-    headers: CIMultiDict[str],
+    headers: list[tuple[str, str]],
+    has_type: bool,
     retried: bool,
     upstream_seconds: float,
 ) -> Outcome:
@@ -277,9 +280,8 @@ async def _small_body(
             f"upstream {route.name} broke off mid-body ({type(exc).__name__})", route.name
         ) from None
     resp.release()
-    had_type = "Content-Type" in headers
     out = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
-    if not had_type:  # aiohttp would label it application/octet-stream; pass it as sent
+    if not has_type:  # aiohttp would label it application/octet-stream; pass it as sent
         out.headers.popall("Content-Type", None)
     return Outcome(out, len(body), retried, upstream_seconds)
 

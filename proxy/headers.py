@@ -51,11 +51,23 @@ def strip_inbound(
     return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
-def filter_response(
-    headers: Iterable[tuple[str, str]], connection: str | None
-) -> list[tuple[str, str]]:
-    drop = HOP_BY_HOP | connection_named(connection) if connection else HOP_BY_HOP
-    return [(k, v) for k, v in headers if k.lower() not in drop]
+def filter_response(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """The upstream's headers minus hop-by-hop ones (those its `Connection` names
+    too), each as (name, lower-case name, value): one pass, one `lower()` a header."""
+    out: list[tuple[str, str, str]] = []
+    connection: list[str] = []
+    for key, value in headers:
+        lower = key.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                connection.append(value)
+            continue
+        out.append((key, lower, value))
+    if connection:  # rare: keep-alive answers seldom name extra hop-by-hop headers
+        named = connection_named(",".join(connection))
+        if named:
+            out = [h for h in out if h[1] not in named]
+    return out
 
 
 def add_defaults(

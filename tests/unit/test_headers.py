@@ -66,9 +66,11 @@ def test_drop_set_contents() -> None:
 def test_filter_response_removes_hop_by_hop(
     given_headers: list[tuple[str, str]], connection: str | None
 ) -> None:
-    out = filter_response(given_headers, connection)
-    gone = HOP_BY_HOP | connection_named(connection)
-    assert out == [(k, v) for k, v in given_headers if k.lower() not in gone]
+    answer = given_headers if connection is None else [*given_headers, ("Connection", connection)]
+    connections = [v for k, v in answer if k.lower() == "connection"]
+    gone = HOP_BY_HOP | connection_named(",".join(connections))
+    out = filter_response(answer)
+    assert out == [(k, k.lower(), v) for k, v in answer if k.lower() not in gone]
 
 
 def test_defaults_only_when_absent() -> None:
