@@ -79,3 +79,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert TABLE_HEADER in markdown
     assert "## Targets" in markdown
     assert TABLE_HEADER in proc.stdout
+
+
+def test_floor_smoke() -> None:
+    """bench/floor.py (authproxy beside the asyncio and aiohttp floors) runs end to end."""
+    missing = _missing_tools()
+    if missing:
+        pytest.fail(f"bench needs {', '.join(missing)}: {APT_COMMAND} curl")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "floor.py"), "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| target")
+    }
+    assert sorted(rows) == sorted(
+        ["direct", "nginx", "authproxy", "relay", "aiohttp-fixed", "aiohttp-lean"]
+    )
+    for name, cells in rows.items():
+        p50 = float(cells[0].replace(",", ""))
+        assert p50 > 0, (name, cells)
+        if name != "direct":  # every proxy's CPU was read from /proc
+            assert float(cells[3].replace(",", "")) > 0, (name, cells)
