@@ -33,13 +33,13 @@ def _missing_tools() -> list[str]:
     return [name for name, path in found.items() if path is None]
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
+def _run_smoke(script: Path, *args: str) -> str:
+    """Run a bench script in smoke mode; its stdout (failing, not skipping, without tools)."""
     missing = _missing_tools()
     if missing:
         pytest.fail(f"bench needs {', '.join(missing)}: {APT_COMMAND} curl")
-
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--smoke", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -47,6 +47,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    stdout = _run_smoke(RUN, "--out", str(tmp_path))
 
     json_files = sorted(tmp_path.glob("bench-*.json"))
     md_files = sorted(tmp_path.glob("bench-*.md"))
@@ -78,26 +83,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     markdown = md_files[0].read_text()
     assert TABLE_HEADER in markdown
     assert "## Targets" in markdown
-    assert TABLE_HEADER in proc.stdout
+    assert TABLE_HEADER in stdout
 
 
 def test_floor_smoke() -> None:
     """bench/floor.py (authproxy beside the asyncio and aiohttp floors) runs end to end."""
-    missing = _missing_tools()
-    if missing:
-        pytest.fail(f"bench needs {', '.join(missing)}: {APT_COMMAND} curl")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "floor.py"), "--smoke"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    stdout = _run_smoke(REPO / "bench" / "floor.py")
     rows = {
         line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-        for line in proc.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("| ") and not line.startswith("| target")
     }
     assert sorted(rows) == sorted(
