@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ def _get_many(port: int, path: str, n: int) -> None:
             sock.sendall(request)
             data = b""
             while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
+                data += _recv(sock)
             head, _, body = data.partition(b"\r\n\r\n")
             length = next(
                 int(line.split(b":", 1)[1])
@@ -65,7 +67,14 @@ def _get_many(port: int, path: str, n: int) -> None:
                 if line.lower().startswith(b"content-length:")
             )
             while len(body) < length:
-                body += sock.recv(65536)
+                body += _recv(sock)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise run.BenchError("the server closed the connection mid-answer")
+    return data
 
 
 def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) -> int:
@@ -89,7 +98,7 @@ def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) 
                 time.sleep(0.2)
         _get_many(port, path, n)
     finally:
-        proc.send_signal(2)  # SIGINT: a clean exit, so callgrind writes its totals
+        proc.send_signal(signal.SIGINT)  # a clean exit, so callgrind writes its totals
         proc.wait(timeout=120)
     for line in out.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
@@ -97,7 +106,9 @@ def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) 
     raise run.BenchError(f"no totals in {out}")
 
 
-def instructions_per_request(argv_for_port: Any, path: str, work: Path) -> float:
+def instructions_per_request(
+    argv_for_port: Callable[[int], list[str]], path: str, work: Path
+) -> float:
     n1, n2 = CALLGRIND_REQUESTS
     totals = []
     for n in (n1, n2):
@@ -110,7 +121,7 @@ def callgrind_figures(bench: run.Bench) -> dict[str, float]:
     up = str(bench.upstream.port)
     python = sys.executable  # the interpreter itself: valgrind must not trace a shim
 
-    def floor_argv(mode: str) -> Any:
+    def floor_argv(mode: str) -> Callable[[int], list[str]]:
         return lambda port: [python, str(SERVERS), mode, str(port), up]
 
     def authproxy_argv(port: int) -> list[str]:
