@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 if TYPE_CHECKING:
     from .didomi import DidomiState
@@ -514,6 +515,30 @@ class SeedFake(Generic[S]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def seed_app(key: web.AppKey[S], state: S, routes: Mapping[str, Handler]) -> web.Application:
+    """A seed fake's app: its state under ``key``; every method on each path pattern
+    goes to that pattern's handler."""
+    app = web.Application(client_max_size=SEED_MAX_BODY)
+    app[key] = state
+    for path, handler in routes.items():
+        app.router.add_route("*", path, handler)
+    return app
+
+
+def under(base: str) -> str:
+    """The route pattern for ``base`` and everything below it."""
+    return base + "{tail:(/.*)?}"
+
+
+async def start_seed(
+    name: str, state: S, app: web.Application, host: str, port: int, base: str, token_path: str
+) -> SeedFake[S]:
+    """Serve a seed fake; ``.url`` is ``http://host:port`` + ``base``, ``.token_url``
+    the same origin + ``token_path``."""
+    server = await serve(app, host, port)
+    return SeedFake(name, state, server, server.url + base, server.url + token_path)
 
 
 @dataclass

@@ -20,7 +20,6 @@ from typing import Any
 from aiohttp import web
 
 from .common import (
-    SEED_MAX_BODY,
     FakeState,
     SeedFake,
     bearer_token,
@@ -31,7 +30,9 @@ from .common import (
     jwt_decode,
     jwt_encode,
     resource_answer,
-    serve,
+    seed_app,
+    start_seed,
+    under,
 )
 
 __all__ = ["DIDOMI_BASE", "DidomiState", "create_didomi_app", "start_didomi"]
@@ -125,10 +126,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 def create_didomi_app(state: DidomiState) -> web.Application:
     """The Didomi fake, serving its API under ``/v1``."""
-    app = web.Application(client_max_size=SEED_MAX_BODY)
-    app[_STATE_KEY] = state
-    app.router.add_route("*", DIDOMI_BASE + "{tail:(/.*)?}", _handle)
-    return app
+    return seed_app(_STATE_KEY, state, {under(DIDOMI_BASE): _handle})
 
 
 async def start_didomi(
@@ -136,6 +134,7 @@ async def start_didomi(
 ) -> SeedFake[DidomiState]:
     """Serve a Didomi fake; ``.url`` is ``http://host:port/v1``."""
     state = state if state is not None else DidomiState()
-    server = await serve(create_didomi_app(state), host, port)
-    url = server.url + DIDOMI_BASE
-    return SeedFake("didomi", state, server, url, url + "/sessions")
+    app = create_didomi_app(state)
+    return await start_seed(
+        "didomi", state, app, host, port, DIDOMI_BASE, DIDOMI_BASE + "/sessions"
+    )

@@ -20,7 +20,6 @@ from urllib.parse import parse_qsl, unquote_plus
 from aiohttp import web
 
 from .common import (
-    SEED_MAX_BODY,
     FakeState,
     SeedFake,
     basic_credentials,
@@ -32,7 +31,9 @@ from .common import (
     jwt_decode,
     jwt_encode,
     resource_answer,
-    serve,
+    seed_app,
+    start_seed,
+    under,
 )
 
 __all__ = [
@@ -215,11 +216,8 @@ async def _handle_api(request: web.Request) -> web.StreamResponse:
 
 def create_getpaid_app(state: GetpaidState) -> web.Application:
     """The getpaid fake: API under ``/api``, token endpoint at ``/oauth/token``."""
-    app = web.Application(client_max_size=SEED_MAX_BODY)
-    app[_STATE_KEY] = state
-    app.router.add_route("*", GETPAID_TOKEN_PATH, _handle_token)
-    app.router.add_route("*", GETPAID_BASE + "{tail:(/.*)?}", _handle_api)
-    return app
+    routes = {GETPAID_TOKEN_PATH: _handle_token, under(GETPAID_BASE): _handle_api}
+    return seed_app(_STATE_KEY, state, routes)
 
 
 async def start_getpaid(
@@ -227,6 +225,7 @@ async def start_getpaid(
 ) -> SeedFake[GetpaidState]:
     """Serve a getpaid fake; ``.url`` is ``.../api``, ``.token_url`` ``.../oauth/token``."""
     state = state if state is not None else GetpaidState()
-    server = await serve(create_getpaid_app(state), host, port)
-    state.token_url = server.url + GETPAID_TOKEN_PATH
-    return SeedFake("getpaid", state, server, server.url + GETPAID_BASE, state.token_url)
+    app = create_getpaid_app(state)
+    fake = await start_seed("getpaid", state, app, host, port, GETPAID_BASE, GETPAID_TOKEN_PATH)
+    state.token_url = fake.token_url
+    return fake

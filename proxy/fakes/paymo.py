@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from .common import (
-    SEED_MAX_BODY,
     FakeState,
     SeedFake,
     basic_credentials,
@@ -26,7 +25,9 @@ from .common import (
     generic_token_failure,
     json_response,
     resource_answer,
-    serve,
+    seed_app,
+    start_seed,
+    under,
 )
 
 __all__ = ["PAYMO_BASE", "PaymoState", "create_paymo_app", "paymo_time", "start_paymo"]
@@ -141,10 +142,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 def create_paymo_app(state: PaymoState) -> web.Application:
     """The Paymo fake, serving its API under ``/api``."""
-    app = web.Application(client_max_size=SEED_MAX_BODY)
-    app[_STATE_KEY] = state
-    app.router.add_route("*", PAYMO_BASE + "{tail:(/.*)?}", _handle)
-    return app
+    return seed_app(_STATE_KEY, state, {under(PAYMO_BASE): _handle})
 
 
 async def start_paymo(
@@ -152,6 +150,5 @@ async def start_paymo(
 ) -> SeedFake[PaymoState]:
     """Serve a Paymo fake; ``.url`` is ``http://host:port/api``."""
     state = state if state is not None else PaymoState()
-    server = await serve(create_paymo_app(state), host, port)
-    url = server.url + PAYMO_BASE
-    return SeedFake("paymo", state, server, url, url + "/sessions")
+    app = create_paymo_app(state)
+    return await start_seed("paymo", state, app, host, port, PAYMO_BASE, PAYMO_BASE + "/sessions")

@@ -19,16 +19,18 @@ from aiohttp import web
 
 from .common import (
     ISSUED,
-    SEED_MAX_BODY,
     FakeState,
     SeedFake,
+    TokenCallKind,
     basic_credentials,
     begin_resource,
     begin_token_call,
     generic_token_failure,
     json_response,
     resource_answer,
-    serve,
+    seed_app,
+    start_seed,
+    under,
 )
 
 __all__ = [
@@ -117,25 +119,32 @@ def _missing_field_body() -> dict[str, Any]:
     return {"expiration": ms_date(ms), "refreshExpiration": ms_date(ms)}
 
 
-async def _login(request: web.Request, state: PrimaerpState) -> web.StreamResponse:
-    await begin_token_call(request, state, "token")
+async def _token_call_refused(
+    request: web.Request, state: PrimaerpState, kind: TokenCallKind
+) -> web.StreamResponse | None:
+    """What login and refresh share: count the call, the failure switches, the API key."""
+    await begin_token_call(request, state, kind)
     failure = await generic_token_failure(request, state, missing_field_body=_missing_field_body())
     if failure is not None:
         return failure
     if state.token_failure == "invalid_client" or request.query.get("apikey") != state.apikey:
         return _unauthorized("Invalid API key")
+    return None
+
+
+async def _login(request: web.Request, state: PrimaerpState) -> web.StreamResponse:
+    refused = await _token_call_refused(request, state, "token")
+    if refused is not None:
+        return refused
     if not state.credentials_ok(basic_credentials(request)):
         return _unauthorized("Invalid credentials")
     return json_response(_issue_pair(state))
 
 
 async def _refresh(request: web.Request, state: PrimaerpState) -> web.StreamResponse:
-    await begin_token_call(request, state, "refresh")
-    failure = await generic_token_failure(request, state, missing_field_body=_missing_field_body())
-    if failure is not None:
-        return failure
-    if state.token_failure == "invalid_client" or request.query.get("apikey") != state.apikey:
-        return _unauthorized("Invalid API key")
+    refused = await _token_call_refused(request, state, "refresh")
+    if refused is not None:
+        return refused
     if state.fail_refresh:
         return _unauthorized("Invalid refresh token")
     refresh = request.query.get("refresh_token", "")
@@ -162,10 +171,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 def create_primaerp_app(state: PrimaerpState) -> web.Application:
     """The primaERP fake, serving its API under ``/v1``."""
-    app = web.Application(client_max_size=SEED_MAX_BODY)
-    app[_STATE_KEY] = state
-    app.router.add_route("*", PRIMAERP_BASE + "{tail:(/.*)?}", _handle)
-    return app
+    return seed_app(_STATE_KEY, state, {under(PRIMAERP_BASE): _handle})
 
 
 async def start_primaerp(
@@ -173,6 +179,7 @@ async def start_primaerp(
 ) -> SeedFake[PrimaerpState]:
     """Serve a primaERP fake; ``.url`` is ``http://host:port/v1``."""
     state = state if state is not None else PrimaerpState()
-    server = await serve(create_primaerp_app(state), host, port)
-    url = server.url + PRIMAERP_BASE
-    return SeedFake("primaerp", state, server, url, url + "/auth/login")
+    app = create_primaerp_app(state)
+    return await start_seed(
+        "primaerp", state, app, host, port, PRIMAERP_BASE, PRIMAERP_BASE + "/auth/login"
+    )
