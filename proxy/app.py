@@ -6,6 +6,7 @@ One handler runs an explicit pipeline, cheapest checks first:
     Host allow-list → browser (Origin / Sec-Fetch-Site) → inbound token
     → request-target form → admin (/-/...) or route → method → path safety
     → forward (strip, inject, send, one retry, stream back)
+    → answer, and only then account (metrics, access line)
 
 The app owns every resource: the upstream client, the token session and the
 authenticators are created in `cleanup_ctx` and closed there, logouts first.
@@ -154,51 +155,59 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
     metrics = proxy.metrics
     metrics.in_flight += 1
     try:
-        _check_guards(proxy, request)
-        path, query = split_target(raw_target)
-        if path.startswith(ADMIN_PREFIX):
-            if path not in UNGUARDED_ADMIN:
+        try:
+            _check_guards(proxy, request)
+            path, query = split_target(raw_target)
+            if path.startswith(ADMIN_PREFIX):
+                if path not in UNGUARDED_ADMIN:
+                    _check_inbound_token(proxy, request)
+                response: web.StreamResponse = _admin(proxy, request, path)
+            else:
                 _check_inbound_token(proxy, request)
-            response: web.StreamResponse = _admin(proxy, request, path)
-        else:
-            _check_inbound_token(proxy, request)
-            matched = match_prefix(proxy.prefixes, path)
-            if matched is None:
-                raise NoRoute(
-                    "no upstream for this path; configured prefixes: "
-                    + ", ".join(sorted(proxy.prefixes))
-                )
-            route = proxy.routes[matched[0]]
-            remainder = matched[1]
-            if route.allow_methods is not None and request.method not in route.allow_methods:
-                raise MethodNotAllowed(
-                    f"{request.method} is not allowed on {route.prefix}",
-                    route.name,
-                    tuple(sorted(route.allow_methods)),
-                )
-            if request.method in NEVER_FORWARDED:
-                raise MethodNotAllowed(
-                    f"{request.method} is never forwarded", route.name, FORWARDABLE
-                )
-            check_remainder(remainder)
-            outcome = await forward(proxy.client, request, route, remainder, query, request_id)
-            response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
-            upstream_seconds = outcome.upstream_seconds
+                matched = match_prefix(proxy.prefixes, path)
+                if matched is None:
+                    raise NoRoute(
+                        "no upstream for this path; configured prefixes: "
+                        + ", ".join(sorted(proxy.prefixes))
+                    )
+                route = proxy.routes[matched[0]]
+                remainder = matched[1]
+                if route.allow_methods is not None and request.method not in route.allow_methods:
+                    raise MethodNotAllowed(
+                        f"{request.method} is not allowed on {route.prefix}",
+                        route.name,
+                        tuple(sorted(route.allow_methods)),
+                    )
+                if request.method in NEVER_FORWARDED:
+                    raise MethodNotAllowed(
+                        f"{request.method} is never forwarded", route.name, FORWARDABLE
+                    )
+                check_remainder(remainder)
+                outcome = await forward(proxy.client, request, route, remainder, query, request_id)
+                response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
+                upstream_seconds = outcome.upstream_seconds
+        except ProxyError as exc:
+            if exc.upstream is None and route is not None:
+                exc.upstream = route.name
+            response = _error_response(exc, request_id)
+            sent = len(response.body) if isinstance(response.body, bytes) else 0
+        except Exception:
+            # A bug of ours: say so in JSON, keep serving; the traceback has no locals.
+            log.exception("request_failed", request_id=request_id)
+            internal = ProxyError(
+                "internal error; see the proxy log", route.name if route else None
+            )
+            response = _error_response(internal, request_id)
         status = response.status
+        # Answer first, account after (nginx's log phase): the client has its
+        # response while the metrics and the access line are being written.
+        # aiohttp's own prepare/write_eof after we return are then no-ops.
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client left; aiohttp sees it again and drops the connection
         return response
-    except ProxyError as exc:
-        if exc.upstream is None and route is not None:
-            exc.upstream = route.name
-        status = exc.status
-        error = _error_response(exc, request_id)
-        sent = len(error.body) if isinstance(error.body, bytes) else 0
-        return error
-    except Exception:
-        # A bug of ours: say so in JSON, keep serving; the traceback has no locals.
-        log.exception("request_failed", request_id=request_id)
-        internal = ProxyError("internal error; see the proxy log", route.name if route else None)
-        status = internal.status
-        return _error_response(internal, request_id)
     finally:
         metrics.in_flight -= 1
         metrics.request_done(
