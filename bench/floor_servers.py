@@ -10,7 +10,8 @@
   nothing else (no guards, routing, stripping, logs or metrics): the least an
   aiohttp-based authenticating proxy can do per request.
 
-Each runs until SIGINT or SIGTERM and then exits 0 (so callgrind writes its counts).
+Each runs on the event loop authproxy runs on (uvloop when installed) until SIGINT
+or SIGTERM, and then exits 0 (so callgrind writes its counts).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import asyncio
 import signal
 import sys
 import urllib.request
+from typing import cast
 
 from aiohttp import web
 
 from proxy.leanclient import LeanUpstreamClient
+from proxy.server import run
 from proxy.upstream import Endpoint
 
 MODES = ("relay", "aiohttp-fixed", "aiohttp-lean")
@@ -47,8 +50,7 @@ class _ClientSide(asyncio.Protocol):
         self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] not in MODES:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    asyncio.run(serve(argv[0], int(argv[1]), int(argv[2])))
+    run(serve(argv[0], int(argv[1]), int(argv[2])))  # authproxy's loop: uvloop if installed
     return 0
 
 

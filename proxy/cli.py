@@ -6,7 +6,6 @@ A config mistake never shows a traceback: it prints the list of problems.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -70,7 +69,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxy.server import serve
+    from proxy.server import run, serve, tune_allocator
 
     overrides = {"listen.host": args.host, "listen.port": args.port, "log.format": args.log_format}
     try:
@@ -79,14 +78,17 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(resolve_config_path(args.config), exc)
         return EXIT_USAGE
     configure_logging(config.log.level, config.log.format, config.secrets)
-    asyncio.run(serve(config))
+    tune_allocator()
+    run(serve(config), config.event_loop)
     return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
+    from proxy.server import run, tune_allocator
 
-    asyncio.run(run_demo(host=args.host, port=args.port, lifetime=args.lifetime))
+    tune_allocator()
+    run(run_demo(host=args.host, port=args.port, lifetime=args.lifetime))
     return EXIT_OK
 
 

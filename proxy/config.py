@@ -7,6 +7,7 @@ round instead of one error per run. Nothing here touches the network.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -419,9 +420,18 @@ class Config(Strict):
     # The HTTP client for upstream requests: the lean httptools one, or aiohttp's
     # ClientSession as a fallback (same behaviour, about 80 µs more CPU per request).
     upstream_client: Literal["lean", "aiohttp"] = "lean"
+    # The event loop: uvloop when installed (auto), or asyncio's own as a fallback.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @field_validator("event_loop")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed; use auto or asyncio")
+        return value
 
     @property
     def secrets(self) -> frozenset[str]:

@@ -9,9 +9,13 @@ app's cleanup), and return; a second signal during the drain exits at once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import importlib.util
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -22,6 +26,43 @@ from proxy.logs import WRITER
 from proxy.tokens import TokenStore
 
 log = structlog.get_logger("authproxy")
+
+# glibc's mallopt(M_TOP_PAD): bytes kept at the top of the heap when it shrinks.
+M_TOP_PAD = -2
+TOP_PAD = 4 * 1024 * 1024
+
+
+def run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+    """Run `main` to completion on uvloop (`auto` when it is installed, or `uvloop`)
+    or on asyncio's own loop. uvloop's loop and transports are C: about 23 % fewer
+    instructions per proxied request (callgrind; bench/README.md)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop == "uvloop" or (
+        event_loop == "auto" and importlib.util.find_spec("uvloop") is not None
+    ):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def tune_allocator() -> bool:
+    """Keep 4 MiB of freed heap instead of handing it back to the kernel at once.
+
+    Streaming a large body allocates and frees a ~256 KiB buffer per read. With
+    uvloop these come from the top of glibc's heap, which glibc then trims after
+    every chunk: a brk() and a fresh page fault per 4 KiB, every chunk, twice the
+    kernel CPU of a 100 MiB download. A 4 MiB pad stops that churn (RSS grows by
+    at most the pad's touched pages). Returns whether it applied: glibc only.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(M_TOP_PAD, TOP_PAD))
 
 
 class ProxyRunner:
@@ -95,6 +136,7 @@ async def serve(
         log.info(
             "proxy_started",
             listen=f"http://{config.listen.host}:{port}",
+            event_loop=type(loop).__module__.partition(".")[0],
             upstreams={r.prefix: r.url for r in runner.proxy.routes.values()},
         )
         if on_ready is not None:

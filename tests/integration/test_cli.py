@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config
+from proxy.server import tune_allocator
 
 ECHO_URL = "http://127.0.0.1:9/api"  # never contacted: check and run do no I/O at start
 VALID_UPSTREAMS = f"""
@@ -89,6 +91,10 @@ BROKEN = {
     "unknown-top-level-key": Broken(
         VALID_UPSTREAMS + "bogus: 1\n",
         ("bogus: unknown key",),
+    ),
+    "unknown-event-loop": Broken(
+        VALID_UPSTREAMS + "event_loop: tokio\n",
+        ("event_loop:", "uvloop", "asyncio"),
     ),
     "unknown-upstream-key": Broken(
         f"""
@@ -461,6 +467,31 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path, run_proxy: Any) -> None:
     events = [r["event"] for r in running.records()]
     assert events[-1] == "proxy_stopped"
     assert "Traceback" not in running.stdout.read_text() + running.stderr.read_text()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_allocator_pad_applies_on_glibc() -> None:
+    assert tune_allocator() is True
+
+
+@pytest.mark.parametrize(
+    ("setting", "loop"),
+    [("", "uvloop"), ("event_loop: uvloop\n", "uvloop"), ("event_loop: asyncio\n", "asyncio")],
+    ids=["default", "uvloop", "asyncio"],
+)
+def test_run_serves_on_the_configured_event_loop(
+    tmp_path: Path, run_proxy: Any, setting: str, loop: str
+) -> None:
+    port = free_port()
+    config = write(
+        tmp_path / "config.yaml", VALID_UPSTREAMS + f"listen: {{port: {port}}}\n" + setting
+    )
+    running = run_proxy("-c", str(config))
+    running.listen()
+    assert health(f"http://127.0.0.1:{port}") == {"status": "ok"}
+    assert running.stop() == 0
+    started = next(r for r in running.records() if r["event"] == "proxy_started")
+    assert started["event_loop"] == loop
 
 
 @pytest.mark.parametrize(
