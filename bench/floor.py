@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             run.log(f"round {round_no + 1}/{args.rounds}")
             got = {
                 name: run.measure_small(bench, targets[name], 1)
-                for name in run.rotate(list(targets), round_no)
+                for name in run.round_order(list(targets), round_no + 1)
             }
             direct = got[run.DIRECT]["p50_us"]
             nginx_added = got[run.NGINX]["p50_us"] - direct

@@ -864,9 +864,13 @@ def measure_large(
 # --------------------------------------------------------------------------- the run
 
 
-def rotate(items: Sequence[str], n: int) -> list[str]:
-    k = n % len(items)
-    return [*items[k:], *items[:k]]
+def round_order(items: Sequence[str], rnd: int) -> list[str]:
+    """Round `rnd`'s order (1-based): rotated by one a round, and reversed every
+    second round, so no target always runs right after the same neighbour (a plain
+    rotation keeps every target's predecessor)."""
+    k = (rnd - 1) % len(items)
+    order = [*items[k:], *items[:k]]
+    return order if rnd % 2 else order[::-1]
 
 
 @dataclass
@@ -894,7 +898,7 @@ def run_bench(bench: Bench, raw: Raw) -> None:
 
     for rnd in range(1, s.rounds + 1):
         for c in s.concurrencies:
-            for name in rotate(TARGETS, rnd - 1):
+            for name in round_order(TARGETS, rnd):
                 result = measure_small(bench, bench.targets[name], c)
                 raw.small.append({"round": rnd, "c": c, "target": name, **result})
                 log(
@@ -903,7 +907,7 @@ def run_bench(bench: Bench, raw: Raw) -> None:
                     f"CPU {_f(result['cpu_us_per_req'], 1):>6} µs/req"
                 )
         for k in range(1, s.transfers + 1):
-            for name in rotate(LARGE_TARGETS, rnd - 1):
+            for name in round_order(LARGE_TARGETS, rnd):
                 for direction in ("download", "upload"):
                     result = measure_large(
                         bench, bench.targets[name], direction, raw.rss_watch.get(name)
