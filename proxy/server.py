@@ -54,13 +54,13 @@ def tune_allocator() -> bool:
     uvloop these come from the top of glibc's heap, which glibc then trims after
     every chunk: a brk() and a fresh page fault per 4 KiB, every chunk, twice the
     kernel CPU of a 100 MiB download. A 4 MiB pad stops that churn (RSS grows by
-    at most the pad's touched pages). Returns whether it applied: glibc only.
+    at most the pad's touched pages). Returns whether the libc accepted it.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # a libc without mallopt
         return False
     return bool(mallopt(M_TOP_PAD, TOP_PAD))
 
