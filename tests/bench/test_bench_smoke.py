@@ -70,6 +70,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert figures["socket_errors"] == 0, (target, c, figures)
     for run in data["small"]["runs"]:
         assert run["requests"] > 0, run
+    paired = data["token_vs_static"]
+    assert sorted(paired["summary"]) == sorted(summary["authproxy"])  # every concurrency
+    for c, figures in paired["summary"].items():
+        assert figures["pairs"] >= 1, (c, figures)
+        assert figures["ratio"] > 0, (c, figures)
+    assert all(p["static_us"] > 0 and p["token_us"] > 0 for p in paired["pairs"])
     assert data["token_requests"] == 1, "the token route must fetch its token once, then cache it"
     assert data["machine"]["nproc"] >= 1
     assert data["command"][1].endswith("run.py")
