@@ -76,6 +76,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert figures["pairs"] >= 1, (c, figures)
         assert figures["ratio"] > 0, (c, figures)
     assert all(p["static_us"] > 0 and p["token_us"] > 0 for p in paired["pairs"])
+    triples = data["added_latency_paired"]
+    assert triples["summary"]["triples"] >= 1
+    for triple in triples["triples"]:
+        assert sorted(triple["p50_us"]) == ["authproxy", "direct", "nginx"], triple
+        assert all(v > 0 for v in triple["p50_us"].values()), triple
     assert data["token_requests"] == 1, "the token route must fetch its token once, then cache it"
     assert data["machine"]["nproc"] >= 1
     assert data["command"][1].endswith("run.py")
