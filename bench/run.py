@@ -941,13 +941,15 @@ def run_bench(bench: Bench, raw: Raw) -> None:
 
 
 def run_pairs(bench: Bench, raw: Raw) -> None:
-    """The token route against the static route, in back-to-back 1-second runs.
+    """The two figures that compare near neighbours, in back-to-back 1-second runs:
+    the token route against the static route (CPU), and authproxy's added latency
+    against nginx's at c=1.
 
     Two proxy processes doing the same work differ by 10-20 % from one 5-second
     run to the next on a shared 2-core VM, far more than a 10 % target can
     tolerate; the neighbours' noise drifts over seconds. Many short runs, each
-    token run next to a static run and the order flipped every pair, put that
-    drift on both sides of each ratio; the figure is the median of the ratios.
+    next to the run it is compared with and the order changed every time, put
+    that drift on both sides of each ratio; the figure is the median of the ratios.
     """
     s = bench.settings
     static, token = bench.targets[AUTHPROXY], bench.targets[TOKEN]
