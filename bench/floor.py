@@ -5,7 +5,8 @@
 Starts the `bench/run.py` set-up (nginx upstream, nginx peer, authproxy with a
 static header, logging on as shipped) plus the reference servers of
 `bench/floor_servers.py` (a raw asyncio byte relay; aiohttp's server answering
-by itself; aiohttp's server plus the lean client and nothing else). For each,
+by itself; aiohttp's server waiting on a raw socket hop; aiohttp's server plus
+the lean client and nothing else). For each,
 in interleaved rounds: wrk -c1 p50, the latency it adds over direct (same
 round), that figure ÷ nginx's, and CPU µs per request from /proc.
 
@@ -35,7 +36,7 @@ import run  # bench/run.py: the harness this reuses
 
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "floor_servers.py"
-FLOORS = ("relay", "aiohttp-fixed", "aiohttp-lean")
+FLOORS = ("relay", "aiohttp-fixed", "aiohttp-hop", "aiohttp-lean")
 CALLGRIND_REQUESTS = (200, 1200)
 
 
@@ -150,12 +151,15 @@ def render(rows: dict[str, dict[str, Any]], instr: dict[str, float], header: str
     lines = [header, ""]
     lines += [
         "| target | p50 µs | added over direct µs | added ÷ nginx's | CPU µs/req |"
-        + (" instructions/req |" if instr else ""),
-        "|---|---|---|---|---|" + ("---|" if instr else ""),
+        " ratio's quartiles |" + (" instructions/req |" if instr else ""),
+        "|---|---|---|---|---|---|" + ("---|" if instr else ""),
     ]
     for name, row in rows.items():
         cells = [_cell(row.get("p50")), _cell(row.get("added"))]
         cells += [_cell(row.get("ratio"), 2, run.TIMES), _cell(row.get("cpu"), 1)]
+        q1, q3 = row.get("quartiles", (None, None))
+        both = q1 is not None and q3 is not None
+        cells.append(f"{_cell(q1, 2)} to {_cell(q3, 2, run.TIMES)}" if both else "—")
         if instr:
             cells.append(f"{instr[name] / 1000:,.0f}k" if name in instr else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -209,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu": result["cpu_us_per_req"] if name != run.DIRECT else None,
                     }
                 )
-        rows = {
+        rows: dict[str, dict[str, Any]] = {
             name: {
                 key: run.median([s[key] for s in got]) for key in ("p50", "added", "ratio", "cpu")
             }
             for name, got in samples.items()
         }
+        for name, taken in samples.items():
+            rows[name]["quartiles"] = run.quartiles([s["ratio"] for s in taken if s["ratio"]])
         instr = callgrind_figures(bench) if args.callgrind else {}
     except run.BenchError as exc:
         print(f"floor: {exc}", file=sys.stderr)
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Floors at c=1 — {dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}\n\n"
         f"- command: `{command.strip()}`\n- commit: `{run.git_commit()}`\n"
         f"- {args.rounds} interleaved round(s) of wrk -t1 -c1 -d{args.duration}s; medians; "
-        "ratios within each round. CPU µs/req of direct is not a proxy's and is left out."
+        "ratios within each round, with their quartiles over the rounds. CPU µs/req of "
+        "direct is not a proxy's and is left out."
     )
     report = render(rows, instr, header)
     print(report)

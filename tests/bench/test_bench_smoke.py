@@ -106,7 +106,7 @@ def test_floor_smoke() -> None:
         if line.startswith("| ") and not line.startswith("| target")
     }
     assert sorted(rows) == sorted(
-        ["direct", "nginx", "authproxy", "relay", "aiohttp-fixed", "aiohttp-lean"]
+        ["direct", "nginx", "authproxy", "relay", "aiohttp-fixed", "aiohttp-hop", "aiohttp-lean"]
     )
     for name, cells in rows.items():
         p50 = float(cells[0].replace(",", ""))
