@@ -14,7 +14,7 @@ import aiohttp
 from proxy.auth import presets, static
 from proxy.auth.base import Authenticator, Credential, Injection, Token
 from proxy.auth.login import LoginFlow, TokenAuth, TokenHttp
-from proxy.config import LoginAuth, TokenAuthBase, Upstream
+from proxy.config import TokenAuthBase, Upstream
 from proxy.tokens import TokenManager, TokenStore
 
 __all__ = ["Authenticator", "Credential", "Token", "build_authenticator"]
@@ -26,14 +26,6 @@ STATIC_TYPES: dict[str, Callable[[Any], static.StaticAuth]] = {
     "header": static.header_auth,
     "basic": static.basic_auth,
     "query": static.query_auth,
-}
-# Every token type becomes a general `login` config; `login` itself passes through.
-TOKEN_TYPES: dict[str, Callable[[Any, str], LoginAuth]] = {
-    "login": lambda cfg, _base: cfg,
-    "oauth2_client_credentials": presets.oauth2_client_credentials,
-    "paymo_session": presets.paymo_session,
-    "primaerp": presets.primaerp,
-    "didomi": presets.didomi,
 }
 
 
@@ -49,7 +41,7 @@ def build_authenticator(
     if auth.type in STATIC_TYPES:
         return STATIC_TYPES[auth.type](auth)
     assert isinstance(auth, TokenAuthBase)
-    login = TOKEN_TYPES[auth.type](auth, upstream.url.rstrip("/"))
+    login = presets.resolve_login(auth, upstream.url.rstrip("/"))
     timeout = aiohttp.ClientTimeout(
         sock_connect=upstream.timeout.connect,
         sock_read=min(upstream.timeout.read, TOKEN_READ_CAP),

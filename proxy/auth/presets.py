@@ -6,6 +6,7 @@ server expect; the machinery that talks to them is the same `LoginFlow`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -19,6 +20,7 @@ from proxy.config import (
     Primaerp,
     RefreshSpec,
     RequestSpec,
+    TokenAuthBase,
     TokenAuthConfig,
 )
 
@@ -128,3 +130,18 @@ def oauth2_client_credentials(cfg: OAuth2ClientCredentials, base_url: str) -> Lo
             **_common(cfg),
         }
     )
+
+
+# Every token type becomes a general `login` config; `login` itself passes through.
+TOKEN_TYPES: dict[str, Callable[[Any, str], LoginAuth]] = {
+    "login": lambda cfg, _base: cfg,
+    "oauth2_client_credentials": oauth2_client_credentials,
+    "paymo_session": paymo_session,
+    "primaerp": primaerp,
+    "didomi": didomi,
+}
+
+
+def resolve_login(auth: TokenAuthBase, base_url: str) -> LoginAuth:
+    """The general `login` form of any token type, with its defaults filled in."""
+    return TOKEN_TYPES[auth.type](auth, base_url)  # type: ignore[attr-defined]
