@@ -32,7 +32,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import run  # bench/run.py: the harness this reuses
+if __package__ in (None, ""):
+    # Run as a script: import the package from the repository root, and keep
+    # bench/ itself off the path (bench/profile.py would shadow the stdlib's).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# The harness bench/run.py runs, reused.
+from bench.measure import measure_small, round_order, run_wrk
+from bench.processes import Services, child_env, free_port, wait_http
+from bench.report import git_commit
+from bench.settings import (
+    DEFAULT_OUT,
+    REPO_ROOT,
+    STATIC_AUTHORIZATION,
+    BenchError,
+    find_tools,
+    log,
+    parse_args,
+)
+from bench.stats import TIMES, median, quartiles
+from bench.targets import (
+    AUTHPROXY,
+    DIRECT,
+    NGINX,
+    PREFIX,
+    Bench,
+    Target,
+    authproxy_config,
+    make_workdir,
+    start_all,
+)
 
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / "floor_servers.py"
@@ -40,15 +69,15 @@ FLOORS = ("relay", "aiohttp-fixed", "aiohttp-hop", "aiohttp-lean")
 CALLGRIND_REQUESTS = (200, 1200)
 
 
-def start_floor(bench: run.Bench, mode: str) -> run.Target:
-    port = run.free_port()
+def start_floor(bench: Bench, mode: str) -> Target:
+    port = free_port()
     up_port = bench.upstream.port
     argv = [sys.executable, str(SERVERS), mode, str(port), str(up_port)]
-    service = bench.services.start(mode, argv, port, bench.work.root / f"{mode}.log", run.REPO_ROOT)
+    service = bench.services.start(mode, argv, port, bench.work.root / f"{mode}.log", REPO_ROOT)
     # The relay passes paths through unchanged; the aiohttp ones serve /up/... like authproxy.
-    base = f"http://127.0.0.1:{port}" + ("" if mode == "relay" else run.PREFIX)
-    target = run.Target(mode, base, service)
-    run.wait_http(service, base + "/small.json")
+    base = f"http://127.0.0.1:{port}" + ("" if mode == "relay" else PREFIX)
+    target = Target(mode, base, service)
+    wait_http(service, base + "/small.json")
     return target
 
 
@@ -74,7 +103,7 @@ def _get_many(port: int, path: str, n: int) -> None:
 def _recv(sock: socket.socket) -> bytes:
     data = sock.recv(65536)
     if not data:
-        raise run.BenchError("the server closed the connection mid-answer")
+        raise BenchError("the server closed the connection mid-answer")
     return data
 
 
@@ -84,8 +113,8 @@ def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) 
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        cwd=run.REPO_ROOT,
-        env=run.child_env(),
+        cwd=REPO_ROOT,
+        env=child_env(),
     )
     try:
         deadline = time.monotonic() + 180
@@ -95,7 +124,7 @@ def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) 
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise run.BenchError(f"{argv} did not start under valgrind") from None
+                    raise BenchError(f"{argv} did not start under valgrind") from None
                 time.sleep(0.2)
         _get_many(port, path, n)
     finally:
@@ -104,7 +133,7 @@ def _callgrind_total(argv: list[str], port: int, path: str, n: int, work: Path) 
     for line in out.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
-    raise run.BenchError(f"no totals in {out}")
+    raise BenchError(f"no totals in {out}")
 
 
 def instructions_per_request(
@@ -113,12 +142,12 @@ def instructions_per_request(
     n1, n2 = CALLGRIND_REQUESTS
     totals = []
     for n in (n1, n2):
-        port = run.free_port()
+        port = free_port()
         totals.append(_callgrind_total(argv_for_port(port), port, path, n, work))
     return (totals[1] - totals[0]) / (n2 - n1)
 
 
-def callgrind_figures(bench: run.Bench) -> dict[str, float]:
+def callgrind_figures(bench: Bench) -> dict[str, float]:
     up = str(bench.upstream.port)
     python = sys.executable  # the interpreter itself: valgrind must not trace a shim
 
@@ -127,18 +156,18 @@ def callgrind_figures(bench: run.Bench) -> dict[str, float]:
 
     def authproxy_argv(port: int) -> list[str]:
         conf = bench.work.root / f"callgrind-{port}.yaml"
-        auth = {"type": "header", "name": "Authorization", "value": run.STATIC_AUTHORIZATION}
-        conf.write_text(run.authproxy_config(port, bench.upstream.port, auth))
+        auth = {"type": "header", "name": "Authorization", "value": STATIC_AUTHORIZATION}
+        conf.write_text(authproxy_config(port, bench.upstream.port, auth))
         return [python, "-m", "proxy", "run", "-c", str(conf), "--log-format", "json"]
 
     figures = {}
     for mode in FLOORS:
-        path = "/small.json" if mode == "relay" else run.PREFIX + "/small.json"
-        run.log(f"callgrind: {mode}")
+        path = "/small.json" if mode == "relay" else PREFIX + "/small.json"
+        log(f"callgrind: {mode}")
         figures[mode] = instructions_per_request(floor_argv(mode), path, bench.work.root)
-    run.log("callgrind: authproxy")
-    figures[run.AUTHPROXY] = instructions_per_request(
-        authproxy_argv, run.PREFIX + "/small.json", bench.work.root
+    log("callgrind: authproxy")
+    figures[AUTHPROXY] = instructions_per_request(
+        authproxy_argv, PREFIX + "/small.json", bench.work.root
     )
     return figures
 
@@ -156,10 +185,10 @@ def render(rows: dict[str, dict[str, Any]], instr: dict[str, float], header: str
     ]
     for name, row in rows.items():
         cells = [_cell(row.get("p50")), _cell(row.get("added"))]
-        cells += [_cell(row.get("ratio"), 2, run.TIMES), _cell(row.get("cpu"), 1)]
+        cells += [_cell(row.get("ratio"), 2, TIMES), _cell(row.get("cpu"), 1)]
         q1, q3 = row.get("quartiles", (None, None))
         both = q1 is not None and q3 is not None
-        cells.append(f"{_cell(q1, 2)} to {_cell(q3, 2, run.TIMES)}" if both else "—")
+        cells.append(f"{_cell(q1, 2)} to {_cell(q3, 2, TIMES)}" if both else "—")
         if instr:
             cells.append(f"{instr[name] / 1000:,.0f}k" if name in instr else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -172,37 +201,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
     parser.add_argument("--callgrind", action="store_true", help="count instructions too")
     parser.add_argument("--smoke", action="store_true", help="1 round of 1 s (tests)")
-    parser.add_argument("--out", type=Path, default=run.DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration = 1, 1
-    tools = run.find_tools()
+    tools = find_tools()
     if tools is None:
         return 2
     if args.callgrind and shutil.which("valgrind") is None:
         print("--callgrind needs valgrind (apt-get install -y valgrind)", file=sys.stderr)
         return 2
-    settings = run.parse_args(["--smoke", "--duration", str(args.duration)])
-    services = run.Services()
-    work = run.make_workdir(settings)
+    settings = parse_args(["--smoke", "--duration", str(args.duration)])
+    services = Services()
+    work = make_workdir(settings)
     try:
-        bench = run.start_all(settings, tools, work, services)
-        targets = {n: bench.targets[n] for n in (run.DIRECT, run.NGINX, run.AUTHPROXY)}
+        bench = start_all(settings, tools, work, services)
+        targets = {n: bench.targets[n] for n in (DIRECT, NGINX, AUTHPROXY)}
         for mode in FLOORS:
             targets[mode] = start_floor(bench, mode)
         for target in targets.values():  # warm up
-            run.run_wrk(bench, target.base + "/small.json", 1, 1)
+            run_wrk(bench, target.base + "/small.json", 1, 1)
         samples: dict[str, list[dict[str, float | None]]] = {n: [] for n in targets}
         for round_no in range(args.rounds):
-            run.log(f"round {round_no + 1}/{args.rounds}")
+            log(f"round {round_no + 1}/{args.rounds}")
             got = {
-                name: run.measure_small(bench, targets[name], 1)
-                for name in run.round_order(list(targets), round_no + 1)
+                name: measure_small(bench, targets[name], 1)
+                for name in round_order(list(targets), round_no + 1)
             }
-            direct = got[run.DIRECT]["p50_us"]
-            nginx_added = got[run.NGINX]["p50_us"] - direct
+            direct = got[DIRECT]["p50_us"]
+            nginx_added = got[NGINX]["p50_us"] - direct
             for name, result in got.items():
-                added = result["p50_us"] - direct if name != run.DIRECT else None
+                added = result["p50_us"] - direct if name != DIRECT else None
                 samples[name].append(
                     {
                         "p50": result["p50_us"],
@@ -210,19 +239,17 @@ def main(argv: list[str] | None = None) -> int:
                         "ratio": added / nginx_added
                         if added is not None and nginx_added > 0
                         else None,
-                        "cpu": result["cpu_us_per_req"] if name != run.DIRECT else None,
+                        "cpu": result["cpu_us_per_req"] if name != DIRECT else None,
                     }
                 )
         rows: dict[str, dict[str, Any]] = {
-            name: {
-                key: run.median([s[key] for s in got]) for key in ("p50", "added", "ratio", "cpu")
-            }
+            name: {key: median([s[key] for s in got]) for key in ("p50", "added", "ratio", "cpu")}
             for name, got in samples.items()
         }
         for name, taken in samples.items():
-            rows[name]["quartiles"] = run.quartiles([s["ratio"] for s in taken if s["ratio"]])
+            rows[name]["quartiles"] = quartiles([s["ratio"] for s in taken if s["ratio"]])
         instr = callgrind_figures(bench) if args.callgrind else {}
-    except run.BenchError as exc:
+    except BenchError as exc:
         print(f"floor: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -231,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (
         f"# Floors at c=1 — {dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}\n\n"
-        f"- command: `{command.strip()}`\n- commit: `{run.git_commit()}`\n"
+        f"- command: `{command.strip()}`\n- commit: `{git_commit()}`\n"
         f"- {args.rounds} interleaved round(s) of wrk -t1 -c1 -d{args.duration}s; medians; "
         "ratios within each round, with their quartiles over the rounds. CPU µs/req of "
         "direct is not a proxy's and is left out."

@@ -21,7 +21,17 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import run  # bench/run.py: the harness this reuses
+if __package__ in (None, ""):
+    # Run as a script: import the package from the repository root, and keep
+    # bench/ itself off the path (bench/profile.py would shadow the stdlib's).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# The harness bench/run.py runs, reused.
+from bench.measure import run_wrk
+from bench.processes import Services
+from bench.report import git_commit
+from bench.settings import find_tools, parse_args
+from bench.targets import AUTHPROXY, make_workdir, start_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +76,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    tools = run.find_tools()
+    tools = find_tools()
     py_spy = shutil.which("py-spy")
     if tools is None or py_spy is None:
         print(
@@ -75,15 +85,15 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    settings = run.parse_args(["--smoke"])
-    services = run.Services()
-    work = run.make_workdir(settings)
+    settings = parse_args(["--smoke"])
+    services = Services()
+    work = make_workdir(settings)
     try:
-        bench = run.start_all(settings, tools, work, services)
-        target = bench.targets[run.AUTHPROXY]
+        bench = start_all(settings, tools, work, services)
+        target = bench.targets[AUTHPROXY]
         assert target.service is not None
         url = target.base + "/small.json"
-        run.run_wrk(bench, url, args.connections, 1)  # warm up
+        run_wrk(bench, url, args.connections, 1)  # warm up
         load = subprocess.Popen(
             [tools.wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds + 2}s", url],
             stdout=subprocess.DEVNULL,
@@ -115,7 +125,7 @@ def main() -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     header = (
         f"# authproxy CPU profile, static header route, wrk -c{args.connections}\n"
-        f"# commit: {run.git_commit()}\n"
+        f"# commit: {git_commit()}\n"
         f"# command: python bench/profile.py --connections {args.connections} "
         f"--seconds {args.seconds}\n# py-spy record -r 997, {args.seconds} s; "
         "self time excludes idle\n\n"

@@ -113,3 +113,18 @@ def test_floor_smoke() -> None:
         assert p50 > 0, (name, cells)
         if name != "direct":  # every proxy's CPU was read from /proc
             assert float(cells[3].replace(",", "")) > 0, (name, cells)
+
+
+@pytest.mark.parametrize("entry", [["bench/run.py"], ["-m", "bench"]])
+def test_bench_entry_points(entry: list[str]) -> None:
+    """`python bench/run.py` and `python -m bench` start the same harness."""
+    proc = subprocess.run(
+        [sys.executable, *entry, "--rounds", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr  # usage error from the harness's own parser
+    assert "--rounds" in proc.stderr and "positive" in proc.stderr, proc.stderr

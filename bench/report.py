@@ -1,0 +1,288 @@
+"""The markdown report and the JSON beside it, with the machine and commit measured."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Raw
+from bench.processes import CLK_TCK
+from bench.settings import MIB, REPO_ROOT, Settings, Tools
+from bench.stats import TIMES, loads, num, times
+from bench.summary import Goal
+from bench.targets import AUTHPROXY, DIRECT, LARGE_TARGETS, NGINX, TARGETS, TOKEN
+
+TABLE_HEADER = (
+    "| c | target | req/s | p50 µs | p99 µs | CPU µs/req (proxy) | CPU µs/req (upstream) "
+    "| req/s ÷ nginx | req/s ÷ direct | CPU ÷ nginx |"
+)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render(
+    meta: dict[str, Any], settings: Settings, summary: dict[str, Any], gl: list[Goal]
+) -> str:
+    small, added, large = summary["small"], summary["added_latency"], summary["large"]
+    out: list[str] = []
+    w = out.append
+    w(f"# authproxy benchmark — {meta['finished_utc']}")
+    w("")
+    if settings.smoke:
+        w("**SMOKE RUN** (short runs, small file): checks the harness, the figures mean little.")
+        w("")
+    w(f"- command: `{meta['command_line']}`")
+    w(f"- commit: `{meta['git_commit']}`")
+    m = meta["machine"]
+    w(
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
+        f"Python {m['python']}, aiohttp {m['aiohttp']}, {m['nginx']}, {m['wrk']}"
+    )
+    w(
+        f"- {settings.rounds} interleaved round(s); wrk `-t1 -c{{C}} -d{settings.duration}s "
+        f"--latency` at c = {', '.join(map(str, settings.concurrencies))}; "
+        f"medians over rounds, ratios taken within each round; total {meta['elapsed_s']:.0f} s"
+    )
+    w(
+        f"- token route: {num(meta['token_requests'])} token request(s) served by the getpaid fake "
+        f"in the whole run ({num(meta['token_log_events'])} token_acquired/refreshed log events)"
+    )
+    w(
+        "- load average (1/5/15 min) at start {} and end {}; other work on the machine "
+        "skews every figure".format(*(loads(meta[k]) for k in ("loadavg_start", "loadavg_end")))
+    )
+    if meta.get("problems"):
+        for problem in meta["problems"]:
+            w(f"- **WARNING**: {problem}")
+    w("")
+    w("## Small requests (~200-byte JSON)")
+    w("")
+    w(TABLE_HEADER)
+    w("|" + "---|" * (TABLE_HEADER.count("|") - 1))
+    for c in settings.concurrencies:
+        for target in TARGETS:
+            e = small[target][str(c)]
+            w(
+                f"| {c} | {target} | {num(e['rps'])} | {num(e['p50_us'])} | {num(e['p99_us'])} "
+                f"| {num(e['proxy_cpu_us_per_req'], 1)} | {num(e['upstream_cpu_us_per_req'], 1)} "
+                f"| {times(e['rps_vs_nginx']) if target != NGINX else '—'} "
+                f"| {times(e['rps_vs_direct']) if target != DIRECT else '—'} "
+                f"| {times(e['cpu_vs_nginx'])} |"
+            )
+    w("")
+    w("## Cached-token route vs static-header route, proxy CPU per request")
+    w("")
+    paired = summary["token_vs_static"]
+    n_pairs = max((e["pairs"] for e in paired.values()), default=0)
+    w(
+        f"Paired: {n_pairs} pair(s) of back-to-back 1-second wrk runs per concurrency, the "
+        "order flipped every pair; medians of the pairs' figures, the ratio's quartiles beside "
+        "it. The rounds' ratio (median of the rounds' same-round ratios) is shown for "
+        f"comparison: one {settings.duration}-second run against another, it carries the drift "
+        "of the machine."
+    )
+    w("")
+    w("| c | static µs/req | token µs/req | token ÷ static | quartiles | rounds' ratio |")
+    w("|---|---|---|---|---|---|")
+    for c in settings.concurrencies:
+        e = paired[str(c)]
+        w(
+            f"| {c} | {num(e['static_us'], 1)} | {num(e['token_us'], 1)} | {times(e['ratio'])} "
+            f"| {times(e['ratio_q1'])} to {times(e['ratio_q3'])} "
+            f"| {times(small[TOKEN][str(c)]['cpu_vs_static'])} |"
+        )
+    w("")
+    w(f"## Added latency at c={added['c']} (p50 minus direct's p50)")
+    w("")
+    tr = summary["added_latency_paired"]
+    w(
+        f"Paired: {tr['triples']} triple(s) of back-to-back 1-second wrk runs (direct, nginx, "
+        "authproxy; the order turned every triple); medians of the triples' figures, the "
+        "ratio's quartiles beside it"
+        + (
+            f"; {tr['unmeasurable']} triple(s) where nginx added nothing measurable are left "
+            "out of the ratio"
+            if tr["unmeasurable"]
+            else ""
+        )
+        + "."
+    )
+    w("")
+    w("| proxy | added µs | ÷ nginx's added | quartiles |")
+    w("|---|---|---|---|")
+    w(f"| nginx | {num(tr['nginx_added_us'])} | — | — |")
+    w(
+        f"| authproxy | {num(tr['authproxy_added_us'])} | {times(tr['ratio'])} "
+        f"| {times(tr['ratio_q1'])} to {times(tr['ratio_q3'])} |"
+    )
+    w("")
+    w("Rounds (the main runs, same round; median over rounds):")
+    w("")
+    w("| proxy | added µs | ÷ nginx's added |")
+    w("|---|---|---|")
+    for target in (NGINX, AUTHPROXY, TOKEN):
+        a = added[target]
+        w(f"| {target} | {num(a['added_us'])} | {times(a['vs_nginx'])} |")
+    w("")
+    size = f"{settings.big_bytes // MIB} MiB"
+    w(f"## Large bodies ({size}, curl; MB/s with 1 MB = 10^6 bytes)")
+    w("")
+    w(
+        f"{settings.transfers} transfer(s) each way per target per round; a round's figure is "
+        "their median, the table the median over rounds."
+    )
+    w("")
+    w(
+        "| target | download MB/s | upload MB/s | download ÷ nginx | upload ÷ nginx "
+        "| download ÷ direct | upload ÷ direct |"
+    )
+    w("|---|---|---|---|---|---|---|")
+    for target in LARGE_TARGETS:
+        d, u = large[target]["download"], large[target]["upload"]
+        w(
+            f"| {target} | {num(d['mb_per_s'])} | {num(u['mb_per_s'])} "
+            f"| {times(d['vs_nginx'])} | {times(u['vs_nginx'])} "
+            f"| {times(d['vs_direct'])} | {times(u['vs_direct'])} |"
+        )
+    w("")
+    w(
+        "Proxy resident memory (MiB) around the transfers (a round's highest peak and growth, "
+        "median over rounds; peak = max of 20 ms VmRSS samples and VmHWM, which is reset "
+        "before each transfer; growth = peak - RSS before that transfer):"
+    )
+    w("")
+    w(
+        "| proxy | RSS before | peak during download | growth | peak during upload | growth "
+        "| VmHWM at end |"
+    )
+    w("|---|---|---|---|---|---|---|")
+    for target in (AUTHPROXY, NGINX):
+        d, u = large[target]["download"], large[target]["upload"]
+        w(
+            f"| {target} | {num(d['rss_before_mib'], 1)} | {num(d['rss_peak_mib'], 1)} "
+            f"| {num(d['rss_growth_mib'], 2)} | {num(u['rss_peak_mib'], 1)} "
+            f"| {num(u['rss_growth_mib'], 2)} | {num(large[target]['vmhwm_end_mib'], 1)} |"
+        )
+    w("")
+    w("## Targets (issue 6; single authproxy process, logging on as shipped)")
+    w("")
+    w("| figure | measured | must reach | aim for | result |")
+    w("|---|---|---|---|---|")
+    for g in gl:
+        cmp_ = "≥" if g.higher_is_better else "≤"
+        unit = " MiB" if "RSS" in g.figure else TIMES
+        w(
+            f"| {g.figure} | {g.shown} | {cmp_} {g.must}{unit} | {cmp_} {g.aim}{unit} "
+            f"| {g.status()} |"
+        )
+    w("")
+    return "\n".join(out)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def machine_info(tools: Tools) -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": version("aiohttp"),
+        "authproxy": version("authproxy"),
+        "nginx": _first_line([tools.nginx, "-v"]).replace("nginx version: ", ""),
+        "wrk": _first_line([tools.wrk, "-v"]).split(" Copyright")[0],
+        "curl": _first_line([tools.curl, "--version"]),
+        "clk_tck": CLK_TCK,
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def count_events(path: Path, events: Sequence[str]) -> int | None:
+    """Log lines whose JSON `event` is one of `events` (None if the log is unreadable)."""
+    needles = [e.encode() for e in events]
+    count = 0
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                if not any(n in line for n in needles):
+                    continue
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("event") in events:
+                        count += 1
+    except OSError:
+        return None
+    return count
+
+
+def fake_token_requests(path: Path) -> int | None:
+    """Token requests the getpaid fake served, from the line it prints when it stops."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == "stopped":
+                    return int(record["token_requests"])
+    return None
+
+
+def problems_of(raw: Raw) -> list[str]:
+    bad = [r for r in raw.small if r["non2xx"] or r["socket_errors"]]
+    return [
+        f"round {r['round']} c={r['c']} {r['target']}: {r['non2xx']} non-2xx responses, "
+        f"{r['socket_errors']} socket errors"
+        for r in bad
+    ]
+
+
+def write_reports(
+    out_dir: Path, stamp: str, markdown: str, data: dict[str, Any]
+) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = out_dir / f"bench-{stamp}.md"
+    json_path = out_dir / f"bench-{stamp}.json"
+    md_path.write_text(markdown + "\n")
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return md_path, json_path
