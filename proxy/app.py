@@ -39,7 +39,7 @@ from proxy.errors import (
     ProxyAuthRequired,
     ProxyError,
 )
-from proxy.forwarding import Route, build_route, describe, forward, new_token_session
+from proxy.forwarding import Progress, Route, build_route, describe, forward, new_token_session
 from proxy.leanclient import LeanUpstreamClient
 from proxy.logs import ACCESS, REDACTOR
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -62,6 +62,8 @@ FORWARDABLE = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Probes carry no secrets and these answers reveal none: no inbound token needed.
 UNGUARDED_ADMIN = frozenset({"/-/health", "/-/ready"})
 MAX_REQUEST_ID = 128
+# The access line's status for a request cut before any answer went out: nginx's 499.
+CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
@@ -148,10 +150,8 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
         request_id = next(_request_ids)
     raw_target = request.raw_path
     route: Route | None = None
-    retried = False
-    sent = 0
-    status = 500
-    upstream_seconds: float | None = None
+    progress = Progress()
+    error: str | None = None
     metrics = proxy.metrics
     metrics.in_flight += 1
     try:
@@ -183,22 +183,28 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
                         f"{request.method} is never forwarded", route.name, FORWARDABLE
                     )
                 check_remainder(remainder)
-                outcome = await forward(proxy.client, request, route, remainder, query, request_id)
-                response, sent, retried = outcome.response, outcome.bytes_sent, outcome.retried
-                upstream_seconds = outcome.upstream_seconds
+                response = await forward(
+                    proxy.client, request, route, remainder, query, request_id, progress
+                )
         except ProxyError as exc:
+            if route is None:
+                route = _route_of(proxy, raw_target)
             if exc.upstream is None and route is not None:
                 exc.upstream = route.name
+            error = exc.code
             response = _error_response(exc, request_id)
-            sent = len(response.body) if isinstance(response.body, bytes) else 0
         except Exception:
             # A bug of ours: say so in JSON, keep serving; the traceback has no locals.
             log.exception("request_failed", request_id=request_id)
             internal = ProxyError(
                 "internal error; see the proxy log", route.name if route else None
             )
+            error = internal.code
             response = _error_response(internal, request_id)
-        status = response.status
+        if not progress.status:  # a whole answer, not yet sent: count it as it goes out
+            progress.status = response.status
+            body = getattr(response, "body", None)
+            progress.sent = len(body) if isinstance(body, bytes) else 0
         # Answer first, account after (nginx's log phase): the client has its
         # response while the metrics and the access line are being written.
         # aiohttp's own prepare/write_eof after we return are then no-ops.
@@ -210,23 +216,43 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
         return response
     finally:
         metrics.in_flight -= 1
+        status = progress.status
+        aborted = progress.aborted
+        if not status:  # cut before any answer went out (client gone, drain deadline)
+            status = CLIENT_CLOSED
+        elif aborted is False and error is None and _cut_short():
+            aborted = True
+        name = route.name if route is not None else None
         metrics.request_done(
-            route.name if route is not None else None,
-            request.method,
-            status,
-            upstream_seconds,
-            retried,
+            name, request.method, status, progress.upstream_seconds, progress.retried
         )
         ACCESS.emit(
             request.method,
             redact_query(raw_target[:2048]),
-            route.name if route is not None else None,
+            name,
             status,
             round((time.perf_counter() - started) * 1000, 3),
-            sent,
-            retried,
+            progress.sent,
+            progress.retried,
             request_id,
+            error,
+            aborted,
         )
+
+
+def _cut_short() -> bool:
+    """True when this handler is being cancelled: its response did not finish."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _route_of(proxy: Proxy, raw_target: str) -> Route | None:
+    """The route a refused request's path names, for its access line (SPEC §5)."""
+    try:
+        matched = match_prefix(proxy.prefixes, split_target(raw_target)[0])
+    except ProxyError:
+        return None
+    return proxy.routes[matched[0]] if matched is not None else None
 
 
 def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:

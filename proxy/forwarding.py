@@ -21,7 +21,14 @@ from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
-from proxy.routing import Target, build_upstream_target, rewrite_location, strip_query_params
+from proxy.logs import ACCESS, fingerprint
+from proxy.routing import (
+    Target,
+    build_upstream_target,
+    redact_query,
+    rewrite_location,
+    strip_query_params,
+)
 from proxy.tokens import TokenStore
 from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
 
@@ -106,11 +113,16 @@ def new_token_session() -> aiohttp.ClientSession:
 
 
 @dataclass(slots=True)
-class Outcome:
-    response: web.StreamResponse
-    bytes_sent: int
-    retried: bool
-    upstream_seconds: float  # until the (last) upstream response's headers
+class Progress:
+    """What the client has been sent so far, kept up to date while a response
+    streams, so the access line says what the client really received even when the
+    request is cut (client gone, drain deadline) halfway through."""
+
+    status: int = 0  # 0 until the response's head went out
+    sent: int = 0  # body bytes written to the client
+    aborted: bool = False  # the response was cut mid-body
+    retried: bool = False
+    upstream_seconds: float | None = None  # until the (last) upstream response's headers
 
 
 async def _read_replayable(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes]:
@@ -145,12 +157,14 @@ async def forward(
     remainder: str,
     query: str,
     request_id: str,
-) -> Outcome:
+    progress: Progress,
+) -> web.StreamResponse:
     incoming = request.headers
     connection = ",".join(incoming.getall("Connection")) if "Connection" in incoming else None
     headers = strip_inbound(incoming.items(), route.drop_headers, connection)
     add_defaults(headers, route.defaults)
     headers.append(("X-Request-ID", request_id))
+    client_query = query
     query = strip_query_params(query, route.strip_query)
 
     body: Body = None
@@ -171,17 +185,81 @@ async def forward(
     cred = await route.auth.credential()
     sent_at = time.perf_counter()
     resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
-    retried = False
+    replay: str | None = None
     if resp.status in route.retry_statuses and route.auth.refreshable:
         if replayable:
             resp.release()
+            replay = f"status {resp.status}"
             cred = await route.auth.rejected(cred, resp.status)
+            sent_at = time.perf_counter()
             resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
-            retried = True
+            progress.retried = True
         else:
             route.auth.invalidate(cred)
-    upstream_seconds = time.perf_counter() - sent_at
-    return await _stream_back(request, resp, route, request_id, retried, upstream_seconds)
+    progress.upstream_seconds = time.perf_counter() - sent_at
+    if ACCESS.debug:
+        _log_debug(
+            request,
+            route,
+            remainder,
+            query,
+            client_query,
+            headers,
+            cred,
+            resp,
+            replay,
+            request_id,
+            progress.upstream_seconds,
+        )
+    return await _stream_back(request, resp, route, request_id, progress)
+
+
+def _log_debug(
+    request: web.BaseRequest,
+    route: Route,
+    remainder: str,
+    query: str,
+    client_query: str,
+    headers: list[tuple[str, str]],
+    cred: Credential,
+    resp: UpstreamResponse,
+    replay: str | None,
+    request_id: str,
+    first_byte_seconds: float,
+) -> None:
+    """`request_debug` (SPEC §5, log.level debug only): what was sent where, with
+    which credential (a fingerprint, never the value), and how long it took."""
+    kept_headers = {k.lower() for k, _ in headers}
+    stripped = sorted({k for k in request.headers if k.lower() not in kept_headers} - {"Host"})
+    kept_params = {p.partition("=")[0] for p in query.split("&")} if query else set()
+    stripped += sorted(
+        {f"?{p.partition('=')[0]}" for p in client_query.split("&") if p}
+        - {f"?{k}" for k in kept_params}
+    )
+    if cred.query:
+        query = f"{query}&{cred.query}" if query else cred.query
+    target = build_upstream_target(route.target.base_path, remainder, query)
+    value = cred.query or "\n".join(v for _, v in cred.headers)
+    token = cred.token
+    now = time.monotonic()
+    connect = getattr(resp, "connect_seconds", None)
+    log.debug(
+        "request_debug",
+        request_id=request_id,
+        route=route.name,
+        upstream_url=redact_query(route.endpoint.base + target),
+        auth=route.auth.type_name,
+        credential=fingerprint(value) if value else None,
+        token_age_s=None if token is None else round(now - token.obtained_at, 3),
+        token_ttl_s=(
+            None if token is None or token.expires_at is None else round(token.expires_at - now, 3)
+        ),
+        replay=replay,
+        connect_ms=None if connect is None else round(connect * 1000, 3),
+        first_byte_ms=round(first_byte_seconds * 1000, 3),
+        status=resp.status,
+        stripped=stripped,
+    )
 
 
 async def _send(
@@ -214,9 +292,8 @@ async def _stream_back(
     resp: UpstreamResponse,
     route: Route,
     request_id: str,
-    retried: bool,
-    upstream_seconds: float,
-) -> Outcome:
+    progress: Progress,
+) -> web.StreamResponse:
     out_headers: list[tuple[str, str]] = []
     length = -1
     has_id = has_type = False
@@ -234,14 +311,14 @@ async def _stream_back(
     if not has_id:
         out_headers.append(("X-Request-ID", request_id))
     if 0 <= length <= SMALL_BODY and request.method != "HEAD" and resp.status not in NO_BODY:
-        return await _small_body(resp, route, out_headers, has_type, retried, upstream_seconds)
+        return await _small_body(resp, route, out_headers, has_type, progress)
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
-    sent = 0
     try:
         await out.prepare(request)
+        progress.status = resp.status
         async for chunk in resp.iter_chunks():
             await out.write(chunk)
-            sent += len(chunk)
+            progress.sent += len(chunk)
         await out.write_eof()
     except (OSError, TimeoutError, aiohttp.ClientError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
@@ -251,13 +328,14 @@ async def _stream_back(
             upstream=route.name,
             request_id=request_id,
             error=type(exc).__name__,
-            bytes=sent,
+            bytes=progress.sent,
         )
+        progress.aborted = True
         if request.transport is not None:
             request.transport.abort()
-        return Outcome(out, sent, retried, upstream_seconds)
+        return out
     resp.release()
-    return Outcome(out, sent, retried, upstream_seconds)
+    return out
 
 
 async def _small_body(
@@ -265,9 +343,8 @@ async def _small_body(
     route: Route,
     headers: list[tuple[str, str]],
     has_type: bool,
-    retried: bool,
-    upstream_seconds: float,
-) -> Outcome:
+    progress: Progress,
+) -> web.StreamResponse:
     """A small body of known length is read first and sent with the headers in one
     write; and if the upstream breaks off meanwhile, the client still gets a 502."""
     try:
@@ -283,7 +360,7 @@ async def _small_body(
     out = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
     if not has_type:  # aiohttp would label it application/octet-stream; pass it as sent
         out.headers.popall("Content-Type", None)
-    return Outcome(out, len(body), retried, upstream_seconds)
+    return out
 
 
 def describe(route: Route) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -136,6 +137,7 @@ class _LeanResponse:
         "_exc",
         "_queued",
         "_waiter",
+        "connect_seconds",
         "headers",
         "reason",
         "status",
@@ -151,6 +153,7 @@ class _LeanResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
         self._done = False
+        self.connect_seconds = 0.0  # waiting for a pooled or new connection
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
         return self
@@ -650,16 +653,18 @@ class LeanUpstreamClient:
             head = _encode_head(method, target, dest, headers, extra)
         fresh = False
         while True:
+            started = time.perf_counter()
             conn = None if fresh else self._take_idle(dest)
             if conn is None:
                 conn = await self._acquire(dest, fresh)
+            connect_seconds = time.perf_counter() - started
             fut = conn.start(head, method, endpoint.read_timeout)
             if large is not None:
                 conn.stream(_slices(large), False)
             elif stream is not None:
                 conn.stream(stream, chunked)
             try:
-                return await fut
+                resp = await fut
             except _StaleConnection:
                 # Once, on a new connection, and only what can be sent again safely.
                 if (
@@ -669,9 +674,12 @@ class LeanUpstreamClient:
                 ):
                     raise
                 fresh = True
+                continue
             except asyncio.CancelledError:
                 conn.abort(None)
                 raise
+            resp.connect_seconds = connect_seconds
+            return resp
 
     # --- the pool ------------------------------------------------------------------------------
 

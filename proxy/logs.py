@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import hashlib
+import hmac
 import json
 import logging
+import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Iterable
@@ -21,6 +25,28 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 REDACTED = "REDACTED"
+# The key of the `credential` fingerprints in `request_debug` (SPEC §5): drawn at
+# random once per process — by the supervisor, which hands it to its workers in
+# this variable, so a fingerprint means the same in every worker.
+FINGERPRINT_KEY_ENV = "AUTHPROXY_FINGERPRINT_KEY"
+
+
+def _fingerprint_key() -> bytes:
+    inherited = os.environ.get(FINGERPRINT_KEY_ENV, "")
+    try:
+        key = bytes.fromhex(inherited)
+    except ValueError:
+        key = b""
+    return key if len(key) >= 16 else secrets.token_bytes(32)
+
+
+_FINGERPRINT_KEY = _fingerprint_key()
+
+
+def fingerprint(value: str) -> str:
+    """8 hex digits that change exactly when `value` does; worthless outside the process."""
+    digest = hmac.new(_FINGERPRINT_KEY, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return digest.hexdigest()[:8]
 
 
 class Redactor:
@@ -110,15 +136,17 @@ class AccessLog:
     at a TTY) the line goes through structlog as usual.
     """
 
-    __slots__ = ("_fast", "_second", "_stamp")
+    __slots__ = ("_fast", "_second", "_stamp", "debug")
 
     def __init__(self) -> None:
         self._fast = False
         self._second = -1
         self._stamp = ""
+        self.debug = False  # log.level is debug: forwarding adds `request_debug`
 
-    def configure(self, fast: bool) -> None:
+    def configure(self, fast: bool, debug: bool) -> None:
         self._fast = fast
+        self.debug = debug
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -138,8 +166,21 @@ class AccessLog:
         nbytes: int,
         retried: bool,
         request_id: str,
+        error: str | None = None,
+        aborted: bool = False,
+        bytes_up: int | None = None,
     ) -> None:
+        """`error`: the SPEC §4 code of a request the proxy refused or could not
+        complete; `aborted`: the response was cut mid-body; `bytes_up`: the bytes a
+        client sent through a WebSocket relay. Each key appears only when it applies."""
         if not self._fast:
+            extra: dict[str, Any] = {}
+            if error is not None:
+                extra["error"] = error
+            if aborted:
+                extra["aborted"] = True
+            if bytes_up is not None:
+                extra["bytes_up"] = bytes_up
             _access_structlog.info(
                 "request_finished",
                 method=method,
@@ -150,15 +191,23 @@ class AccessLog:
                 bytes=nbytes,
                 retried=retried,
                 request_id=request_id,
+                **extra,
             )
             return
         path = REDACTOR.scrub(path)
+        tail = ""
+        if error is not None:
+            tail += f'"error": {_json_str(error)}, '
+        if aborted:
+            tail += '"aborted": true, '
+        if bytes_up is not None:
+            tail += f'"bytes_up": {bytes_up}, '
         WRITER.write(
             f'{{"method": {_json_str(method)}, "path": {_json_str(path)}, '
             f'"upstream": {"null" if upstream is None else _json_str(upstream)}, '
             f'"status": {status}, "duration_ms": {duration_ms!r}, "bytes": {nbytes}, '
             f'"retried": {"true" if retried else "false"}, '
-            f'"request_id": {_json_str(request_id)}, "event": "request_finished", '
+            f'"request_id": {_json_str(request_id)}, {tail}"event": "request_finished", '
             f'"level": "info", "timestamp": "{self._timestamp()}"}}'
         )
 
@@ -166,6 +215,70 @@ class AccessLog:
 _json_str = json.encoder.encode_basestring_ascii
 _access_structlog = structlog.get_logger("authproxy.access")
 ACCESS = AccessLog()
+
+
+class ConsoleLines:
+    """The console format, for a person at a terminal (SPEC §5):
+
+        12:04:31.207  GET /paymo/clients → 200  paymo  4.2 ms  268 B  request_id=…
+
+    An access line leads with what a person scans for — method, path, status,
+    route, time, size — then the other keys as key=value in a stable order. Other
+    events read `HH:MM:SS.mmm  level  event  upstream  key=value …`. Colours only
+    on a TTY.
+    """
+
+    LEAD = ("method", "path", "status", "upstream", "duration_ms", "bytes")
+    HIDDEN = frozenset({"event", "level", "timestamp", "logger"})
+
+    def __init__(self, colors: bool) -> None:
+        self._colors = colors
+
+    def _paint(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self._colors else text
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> str:
+        stamp = _clock(event_dict.get("timestamp"))
+        event = str(event_dict.get("event", ""))
+        level = str(event_dict.get("level", "info"))
+        if event == "request_finished":
+            status = event_dict.get("status")
+            code = "32" if isinstance(status, int) and status < 400 else "31"
+            route = event_dict.get("upstream")
+            head = (
+                f"{stamp}  {event_dict.get('method')} {event_dict.get('path')} → "
+                f"{self._paint(code, str(status))}  {route if route is not None else '-'}  "
+                f"{event_dict.get('duration_ms')} ms  {event_dict.get('bytes')} B"
+            )
+            skip = set(self.LEAD)
+        else:
+            colour = {"warning": "33", "error": "31", "critical": "31"}.get(level, "36")
+            head = f"{stamp}  {self._paint(colour, f'{level:<7}')}  {self._paint('1', event)}"
+            if "upstream" in event_dict:
+                head += f"  {event_dict['upstream']}"
+            skip = {"upstream"}
+        rest = [
+            f"{key}={_console_value(value)}"
+            for key, value in event_dict.items()
+            if key not in self.HIDDEN and key not in skip and key != "exception"
+        ]
+        line = "  ".join([head, *rest]) if rest else head
+        if "exception" in event_dict:
+            line += "\n" + str(event_dict["exception"])
+        return line
+
+
+def _clock(timestamp: Any) -> str:
+    """`HH:MM:SS.mmm` of structlog's ISO timestamp, in UTC as the JSON lines are."""
+    text = str(timestamp or "")
+    _, sep, rest = text.partition("T")
+    return rest[:12] if sep else time.strftime("%H:%M:%S")
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value and "=" not in value else json.dumps(value)
+    return json.dumps(value, default=str)
 
 
 def _stdout_logger(*_args: Any) -> StdoutLogger:
@@ -191,10 +304,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", secrets: Iterable[
     REDACTOR.add(secrets)
     if fmt == "auto":
         fmt = "console" if sys.stdout.isatty() else "json"
-    ACCESS.configure(fast=fmt == "json" and level != "error" and level != "warning")
+    ACCESS.configure(
+        fast=fmt == "json" and level != "error" and level != "warning", debug=level == "debug"
+    )
     renderer: structlog.typing.Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = ConsoleLines(colors=sys.stdout.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
     bridge = _StdlibBridge()

@@ -65,6 +65,11 @@ def tune_allocator() -> bool:
     return bool(mallopt(M_TOP_PAD, TOP_PAD))
 
 
+def listen_url(host: str, port: int) -> str:
+    """A URL a person can paste: an IPv6 literal goes in brackets (`http://[::1]:8080`)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class ProxyRunner:
     """Start-up, one listening socket, and the orderly shutdown of a proxy app."""
 
@@ -135,7 +140,7 @@ async def serve(
         port = await runner.start()
         log.info(
             "proxy_started",
-            listen=f"http://{config.listen.host}:{port}",
+            listen=listen_url(config.listen.host, port),
             event_loop=type(loop).__module__.partition(".")[0],
             upstreams={r.prefix: r.url for r in runner.proxy.routes.values()},
         )

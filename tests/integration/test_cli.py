@@ -535,3 +535,16 @@ def test_host_flag_beats_file(tmp_path: Path, run_proxy: Any) -> None:
     assert health(f"http://127.0.0.2:{port}") == {"status": "ok"}
     assert refused(port, "127.0.0.3")
     assert running.stop() == 0
+
+
+def test_start_up_line_names_a_url_for_ipv6(tmp_path: Path, run_proxy: Any) -> None:
+    port = free_port()
+    config = write(
+        tmp_path / "config.yaml",
+        VALID_UPSTREAMS + f'listen: {{host: "::1", port: {port}}}\n',
+    )
+    running = run_proxy("-c", str(config))
+    url = running.listen()
+    assert url == f"http://[::1]:{port}"
+    assert health(url) == {"status": "ok"}  # a URL urllib can open as printed
+    assert running.stop() == 0

@@ -765,7 +765,9 @@ async def test_access_log_one_line_per_request(
     lines = [r for r in log_lines(capsys.readouterr().out) if r.get("event") == "request_finished"]
     assert len(lines) == 4, lines
     for line in lines:
-        assert set(line) == ACCESS_KEYS
+        # A refused request adds its error code (SPEC §5); nothing else is added.
+        assert set(line) - {"error"} == ACCESS_KEYS
+        assert ("error" in line) == (line["status"] >= 400)
         assert line["level"] == "info"
         assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] >= 0
         assert line["retried"] is False
@@ -779,7 +781,7 @@ async def test_access_log_one_line_per_request(
     assert second["path"] == "/e/echo/y?token=REDACTED&api_key=REDACTED&page=2"
     assert second["request_id"] == redacted_id
     assert "abc" not in json.dumps(second)
-    assert (third["upstream"], third["status"]) == (None, 404)
+    assert (third["upstream"], third["status"], third["error"]) == (None, 404, "no_route")
     assert (fourth["path"], fourth["status"]) == ("/-/health", 200)
 
 

@@ -16,7 +16,7 @@ def _ident(auth: dict[str, Any], **extra: Any) -> str:
     return identity.digest
 
 
-OAUTH = {
+OAUTH: dict[str, Any] = {
     "type": "oauth2_client_credentials",
     "token_url": "https://t.test/token",
     "client_id": "id",
