@@ -46,7 +46,7 @@ from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
-from proxy.upstream import AiohttpUpstreamClient, UpstreamClient
+from proxy.upstream import UpstreamClient
 
 log = structlog.get_logger("authproxy")
 
@@ -279,11 +279,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app.get(STORE)
     token_session = new_token_session()
-    client: UpstreamClient
-    if config.upstream_client == "aiohttp":
-        client = AiohttpUpstreamClient(pool_size=config.pool_size)
-    else:
-        client = LeanUpstreamClient(pool_size=config.pool_size)
+    client: UpstreamClient = LeanUpstreamClient(pool_size=config.pool_size)
     routes: dict[str, Route] = {}
     try:
         for name, upstream in config.upstreams.items():

@@ -417,9 +417,6 @@ class Config(Strict):
     shutdown_timeout: NonNegativeFloat = 10.0
     # Largest number of upstream connections kept open (all upstreams together).
     pool_size: int = Field(default=256, ge=1, le=100_000)
-    # The HTTP client for upstream requests: the lean httptools one, or aiohttp's
-    # ClientSession as a fallback (same behaviour, about 80 µs more CPU per request).
-    upstream_client: Literal["lean", "aiohttp"] = "lean"
     # The event loop: uvloop when installed (auto), or asyncio's own as a fallback.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     upstreams: dict[str, Upstream] = Field(min_length=1)

@@ -332,8 +332,12 @@ class _Conn(asyncio.Protocol):
         resp.reason = self._reason.decode("utf-8", "surrogateescape")
         self._fut = None
         if self._is_head:
-            # No body whatever the headers say; llhttp would wait for one.
-            if parser.should_keep_alive():
+            # No body whatever the headers say; llhttp would wait for one. A declared
+            # length leaves doubt (a server may send that body anyway, late, where the
+            # next response belongs): such a connection is not reused.
+            if _declares_body(resp.headers):
+                self._keep_alive = False
+            elif parser.should_keep_alive():
                 self._keep_alive = True
             else:  # llhttp also says no for a body-less HEAD answer without length
                 conn = _header(resp.headers, "connection").lower()
@@ -832,6 +836,15 @@ def _header(headers: list[tuple[str, str]], lower_name: str) -> str:
         if k.lower() == lower_name:
             value = v
     return value
+
+
+def _declares_body(headers: list[tuple[str, str]]) -> bool:
+    """A non-zero Content-Length or any Transfer-Encoding (only looked at for HEAD)."""
+    for k, v in headers:
+        lower = k.lower()
+        if lower == "transfer-encoding" or (lower == "content-length" and v.strip() != "0"):
+            return True
+    return False
 
 
 def _has_header(headers: list[tuple[str, str]], lower_name: str) -> bool:

@@ -137,19 +137,13 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
-@pytest.fixture(params=["lean", "aiohttp"])
-def upstream_client(request: pytest.FixtureRequest) -> str:
-    """Every proxy test runs with both upstream clients: they must behave the same."""
-    return str(request.param)
-
-
 @pytest.fixture
-async def start_proxy(upstream_client: str) -> AsyncIterator[StartProxy]:
+async def start_proxy() -> AsyncIterator[StartProxy]:
     """Start the real proxy app on 127.0.0.1:0 from a config mapping."""
     running: list[RunningProxy] = []
 
     async def start(raw: dict[str, Any], env: dict[str, str] | None = None) -> RunningProxy:
-        raw = {"shutdown_timeout": 2, "upstream_client": upstream_client, **raw}
+        raw = {"shutdown_timeout": 2, **raw}
         config = parse_config(raw, env=env or {})
         runner = ProxyRunner(config)
         port = await runner.start("127.0.0.1", 0)
