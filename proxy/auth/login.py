@@ -75,6 +75,7 @@ class TokenHttp:
         elif spec.form is not None:
             kwargs["data"] = {k: _fill(v, fill) for k, v in spec.form.items()}
             headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        started = time.perf_counter()
         try:
             async with self.session.request(
                 spec.method,
@@ -96,6 +97,16 @@ class TokenHttp:
                             self.upstream,
                             resp.status,
                         )
+                log.debug(
+                    "token_request",
+                    upstream=self.upstream,
+                    what=what,
+                    method=spec.method,
+                    # The template, not the filled URL: a logout URL holds the token.
+                    endpoint=spec.url.partition("?")[0],
+                    endpoint_status=resp.status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
                 return resp.status, resp.headers, bytes(body)
         except TimeoutError:
             raise AuthFailed(f"{what} for {self.upstream} timed out", self.upstream) from None

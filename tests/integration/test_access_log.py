@@ -235,7 +235,13 @@ async def test_debug_line_for_a_token_route_and_a_replay(
         assert resp.status == 200
     async with client.get(url) as resp:
         assert resp.status == 200
-    finished, debug = split(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    finished, debug = split(out)
+    token_requests = [r for r in log_lines(out) if r.get("event") == "token_request"]
+    assert [(r["method"], r["endpoint"], r["endpoint_status"]) for r in token_requests] == [
+        ("POST", didomi_fake.url + "/sessions", 200)
+    ] * 2
+    assert all(r["duration_ms"] >= 0 and r["upstream"] == "didomi" for r in token_requests)
     assert [r["retried"] for r in finished] == [False, False, True, False]
     prints = [r["credential"] for r in debug]
     assert prints[0] == prints[1] != prints[2] == prints[3]  # changes exactly with the token
