@@ -255,6 +255,38 @@ def _route_of(proxy: Proxy, raw_target: str) -> Route | None:
     return proxy.routes[matched[0]] if matched is not None else None
 
 
+# What the admin listener serves (SPEC §4): probes and metrics, nothing else.
+ADMIN_LISTENER_PATHS = frozenset({"/-/health", "/-/ready", "/-/metrics"})
+
+
+async def handle_admin(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
+    """The admin listener's only handler: no Host allow-list, no inbound token, no
+    route — so a probe from outside the pod reaches a proxy that listens on loopback."""
+    started = time.perf_counter()
+    path = request.rel_url.raw_path
+    error: str | None = None
+    try:
+        if path not in ADMIN_LISTENER_PATHS:
+            raise NoRoute("the admin listener serves only /-/health, /-/ready and /-/metrics")
+        response: web.Response = _admin(proxy, request, path)
+    except ProxyError as exc:
+        error = exc.code
+        response = _error_response(exc, next(_request_ids))
+    body = response.body
+    ACCESS.emit(
+        request.method,
+        redact_query(request.raw_path[:2048]),
+        None,
+        response.status,
+        round((time.perf_counter() - started) * 1000, 3),
+        len(body) if isinstance(body, bytes) else 0,
+        False,
+        response.headers.get("X-Request-ID", ""),
+        error,
+    )
+    return response
+
+
 def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed("admin endpoints are read-only", None, ("GET", "HEAD"))
@@ -323,6 +355,16 @@ def create_app(config: Config, token_store: TokenStore | None = None) -> web.App
         app[STORE] = token_store
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def make_admin_server(app: web.Application) -> web.Server:
+    """The admin listener's HTTP server (`admin: {host, port}`)."""
+    proxy = app[PROXY]
+
+    async def serve_one(request: web.BaseRequest) -> web.StreamResponse:
+        return await handle_admin(proxy, request)
+
+    return web.Server(serve_one, max_line_size=8190, max_field_size=8190, max_headers=100)
 
 
 def make_server(app: web.Application) -> web.Server:

@@ -399,6 +399,15 @@ class Listen(Strict):
         return None if value == "" else value
 
 
+class Admin(Strict):
+    """A second listener with only /-/health, /-/ready and /-/metrics (Envoy's admin
+    port): reachable by probes and Prometheus from outside the pod, with no Host
+    allow-list and no `require_token` — it reveals nothing and forwards nothing."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=9901, ge=0, le=65535)
+
+
 class Log(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console", "auto"] = "auto"
@@ -411,6 +420,7 @@ class Log(Strict):
 
 class Config(Strict):
     listen: Listen = Listen()
+    admin: Admin | None = None
     allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
     allowed_origins: list[str] = Field(default_factory=list)
     log: Log = Log()

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy.app import PROXY, Proxy, create_app, make_server
+from proxy.app import PROXY, Proxy, create_app, make_admin_server, make_server
 from proxy.config import Config
 from proxy.logs import WRITER
 from proxy.tokens import TokenStore
@@ -77,7 +77,9 @@ class ProxyRunner:
         self.config = config
         self.app = create_app(config, token_store)
         self._runner: web.ServerRunner | None = None
+        self._admin_runner: web.ServerRunner | None = None
         self.port = 0
+        self.admin_port: int | None = None
         self.stopped = False
 
     @property
@@ -98,6 +100,14 @@ class ProxyRunner:
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+        admin = self.config.admin
+        if admin is not None:
+            self._admin_runner = web.ServerRunner(make_admin_server(self.app), shutdown_timeout=1)
+            await self._admin_runner.setup()
+            await web.TCPSite(
+                self._admin_runner, admin.host, admin.port, reuse_address=True
+            ).start()
+            self.admin_port = int(self._admin_runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:
@@ -110,6 +120,8 @@ class ProxyRunner:
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
+            if self._admin_runner is not None:  # probes are answered until the very end
+                await self._admin_runner.cleanup()
             await self.app.shutdown()
             await self.app.cleanup()
 
@@ -141,6 +153,11 @@ async def serve(
         log.info(
             "proxy_started",
             listen=listen_url(config.listen.host, port),
+            admin=(
+                None
+                if config.admin is None or runner.admin_port is None
+                else listen_url(config.admin.host, runner.admin_port)
+            ),
             event_loop=type(loop).__module__.partition(".")[0],
             upstreams={r.prefix: r.url for r in runner.proxy.routes.values()},
         )

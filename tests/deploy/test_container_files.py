@@ -130,4 +130,9 @@ def test_kubernetes_example(tmp_path: Path, secret_files: dict[str, str]) -> Non
     assert "/-/ready" in probes
     assert "/-/health" in probes
     config_text = kinds["ConfigMap"]["data"]["config.yaml"]
+    # The kubelet probes the pod IP: the admin listener, not loopback-only 8080.
+    (admin_port,) = [p["containerPort"] for p in sidecar["ports"] if p["name"] == "admin"]
+    assert yaml.safe_load(config_text)["admin"]["port"] == admin_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["port"] == "admin"
     _load_with_secrets_in(config_text, tmp_path, "/run/secrets/authproxy/", {})
