@@ -25,12 +25,6 @@ HEADER_AUTH = {"type": "header", "name": "X-Api-Key", "value": "${HDR}"}
 SECRET = "access-log-header-secret"
 
 
-@pytest.fixture
-def upstream_client() -> str:
-    """The lean client only: it times the wait for a connection (`connect_ms`)."""
-    return "lean"
-
-
 def records(capsys: pytest.CaptureFixture[str], event: str) -> list[dict[str, Any]]:
     return [r for r in log_lines(capsys.readouterr().out) if r.get("event") == event]
 
