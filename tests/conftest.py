@@ -18,9 +18,20 @@ from aiohttp import web
 
 from proxy.app import PROXY, Proxy
 from proxy.config import Config, parse_config
-from proxy.fakes import ISSUED, EchoState, create_echo_app, serve
+from proxy.fakes import (
+    ISSUED,
+    EchoState,
+    PaymoState,
+    SeedFake,
+    create_echo_app,
+    serve,
+    start_paymo,
+)
 from proxy.logs import LineWriter, configure_logging
 from proxy.server import ProxyRunner
+
+# Re-exported for modules that still say `from tests.conftest import log_lines`.
+from tests.support import log_lines as log_lines
 
 # Credentials the fakes accept by default (and the demo uses): never to be printed.
 FAKE_CREDENTIALS = frozenset(
@@ -180,6 +191,8 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def log_lines(text: str) -> list[dict[str, Any]]:
-    """Parse captured stdout into log records (every line must be JSON)."""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+@pytest.fixture
+async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
+    """A running Paymo fake on loopback (sessions live 60 s), no proxy in front."""
+    async with await start_paymo(PaymoState(lifetime=60)) as fake:
+        yield fake

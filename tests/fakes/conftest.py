@@ -10,12 +10,10 @@ import pytest
 from proxy.fakes import (
     DidomiState,
     GetpaidState,
-    PaymoState,
     PrimaerpState,
     SeedFake,
     start_didomi,
     start_getpaid,
-    start_paymo,
     start_primaerp,
 )
 
@@ -25,12 +23,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as s:
         yield s
-
-
-@pytest.fixture
-async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
-    async with await start_paymo(PaymoState(lifetime=60)) as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -6,15 +6,13 @@ import asyncio
 import base64
 import time
 
+from tests.support import bearer as bearer  # shared; re-exported for the fakes' tests
+
 
 def basic(username: str, password: str) -> dict[str, str]:
     """An ``Authorization: Basic`` header (aiohttp's BasicAuth is deprecated)."""
     raw = f"{username}:{password}".encode()
     return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": "Bearer " + token}
 
 
 async def sleep_until(instant: float) -> None:

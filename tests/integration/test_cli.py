@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.server import tune_allocator
+from tests.support import free_port, wait_until_sync
 
 ECHO_URL = "http://127.0.0.1:9/api"  # never contacted: check and run do no I/O at start
 VALID_UPSTREAMS = f"""
@@ -61,13 +61,6 @@ def write(path: Path, text: str) -> Path:
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- check: broken configs ---------------------------------------------------------
@@ -390,15 +383,18 @@ class Running:
 
     def listen(self) -> str:
         """The address from the `proxy_started` line (waits for it, bounded)."""
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+
+        def started() -> str | None:
             assert self.process.poll() is None, self.stderr.read_text()
             for record in self.records():
                 if record.get("event") == "proxy_started":
                     listen: str = record["listen"]
                     return listen
-            time.sleep(0.05)
-        raise AssertionError("the proxy did not log proxy_started within 15 s")
+            return None
+
+        listen = wait_until_sync(started, 15, what="the proxy to log proxy_started")
+        assert listen is not None
+        return listen
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

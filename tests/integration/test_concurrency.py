@@ -9,17 +9,16 @@ hope.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.fakes import DIDOMI_BASE, DidomiState, RecordedRequest, create_didomi_app, serve
-from tests.conftest import RunningProxy, StartProxy, _tracing, log_lines
+from proxy.fakes import DIDOMI_BASE, DidomiState, create_didomi_app, serve
+from tests.conftest import RunningProxy, StartProxy, _tracing
+from tests.support import access_lines, bearer_of, log_lines, wait_until
 
 HOLD = "X-Hold"
 
@@ -46,10 +45,9 @@ class Gate:
         return await handler(request)
 
     async def until_waiting(self, n: int, deadline_s: float = 10.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        while self.waiting < n:
-            assert time.monotonic() < deadline, f"only {self.waiting} of {n} requests arrived"
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: self.waiting >= n, deadline_s, what=f"{n} requests at the gate", interval=0.01
+        )
 
 
 @dataclass
@@ -106,15 +104,6 @@ async def fetch(
         return resp.status
 
 
-def bearer(rec: RecordedRequest) -> str:
-    (value,) = rec.header_values("Authorization")
-    return value.removeprefix("Bearer ")
-
-
-def access_lines(out: str) -> list[dict[str, Any]]:
-    return [r for r in log_lines(out) if r["event"] == "request_finished"]
-
-
 async def test_500_concurrent_requests_share_one_token_request(
     didomi: Setup,
     wide_client: aiohttp.ClientSession,
@@ -126,7 +115,7 @@ async def test_500_concurrent_requests_share_one_token_request(
     assert didomi.state.token_requests == 1
     assert didomi.state.resource_requests == 500
     (token,) = didomi.state.tokens
-    assert {bearer(rec) for rec in didomi.state.requests} == {token}
+    assert {bearer_of(rec) for rec in didomi.state.requests} == {token}
     records = log_lines(capsys.readouterr().out)
     assert len([r for r in records if r["event"] == "token_acquired"]) == 1
     access = [r for r in records if r["event"] == "request_finished"]
@@ -154,7 +143,7 @@ async def test_200_concurrent_401s_share_one_new_token(
     assert statuses == [200] * 200
     assert state.token_requests == 2  # the first login and exactly one more
     new = next(t for t in state.tokens if t != old)
-    sent = [bearer(rec) for rec in state.requests[1:]]
+    sent = [bearer_of(rec) for rec in state.requests[1:]]
     assert sent.count(old) == 200  # every first attempt...
     assert sent.count(new) == 200  # ...and every replay
     records = log_lines(capsys.readouterr().out)
@@ -188,7 +177,7 @@ async def test_late_401_reuses_the_token_another_request_fetched(
     assert await late == 200
     assert state.token_requests == 2  # no third token
     held = [rec for rec in state.requests if rec.header(HOLD)]
-    assert [bearer(rec) for rec in held] == [t1, t2]
+    assert [bearer_of(rec) for rec in held] == [t1, t2]
     access = access_lines(capsys.readouterr().out)
     assert [r["retried"] for r in access] == [False, True, True]
 

@@ -8,12 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.integration.test_lifecycle import free_port
+from tests.support import free_port, wait_until
 
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
 
@@ -32,11 +31,12 @@ async def test_demo_serves_the_printed_commands_offline_and_stops_cleanly(tmp_pa
     out, err = tmp_path / "demo.out", tmp_path / "demo.err"
     proc = start_demo(port, out, err)
     try:
-        deadline = time.monotonic() + 20
-        while "curl" not in err.read_text():
+
+        def printed() -> bool:
             assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "demo never printed its commands"
-            await asyncio.sleep(0.05)
+            return "curl" in err.read_text()
+
+        await wait_until(printed, 20, what="the demo to print its commands", interval=0.05)
         await asyncio.sleep(0.1)  # the rest of the banner
         urls = re.findall(r"curl (http://localhost:\d+/\S+)", err.read_text())
         assert len(urls) == 5, err.read_text()

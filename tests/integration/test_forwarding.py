@@ -11,7 +11,6 @@ import base64
 import gzip
 import hashlib
 import json
-import socket
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -23,6 +22,7 @@ from yarl import URL
 
 from proxy.fakes import RecordedRequest, pattern_sha256
 from tests.conftest import Echo, RunningProxy, StartProxy, log_lines
+from tests.support import error_of, free_port
 
 HEADER_SECRET = "hdr-secret-7f3a9c"
 BASIC_USER = "basic-user-41d2"
@@ -82,28 +82,6 @@ def only_request(echo: Echo) -> RecordedRequest:
 
 def names(headers: Iterable[tuple[str, str]]) -> list[str]:
     return [k.lower() for k, _ in headers]
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def error_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    """The proxy's own error body, checked against the SPEC's exact shape."""
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "upstream"}
-    assert isinstance(body["error"]["code"], str)
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    assert resp.headers.get("X-Request-ID")
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 # -- injected credentials ------------------------------------------------------

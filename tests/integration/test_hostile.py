@@ -26,10 +26,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import parse_config
-from proxy.errors import ConfigError
 from proxy.fakes import GetpaidState, RecordedRequest, start_getpaid
 from tests.conftest import Echo, RunningProxy, StartProxy
+from tests.support import error_of, error_shape, free_port, wait_until
 
 BASE = "/base"
 INBOUND_TOKEN = "inbound-token-5d8a1f27c9"
@@ -52,11 +51,9 @@ class Answer:
     def error_code(self) -> str:
         """The code of one of the proxy's own JSON errors (shape checked)."""
         assert self.headers.get("content-type", "").startswith("application/json"), self.raw[:300]
-        document = json.loads(self.body)
-        assert set(document) == {"error"}, document
-        assert set(document["error"]) == {"code", "message", "upstream"}, document
+        error = error_shape(json.loads(self.body))
         assert "x-request-id" in self.headers
-        code: str = document["error"]["code"]
+        code: str = error["code"]
         return code
 
     @property
@@ -197,19 +194,8 @@ def header_names(record: RecordedRequest) -> set[str]:
     return {k.lower() for k, _ in record.headers}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def error_code_of(resp: aiohttp.ClientResponse) -> str:
-    assert resp.content_type == "application/json"
-    document = await resp.json()
-    assert set(document) == {"error"}
-    assert set(document["error"]) == {"code", "message", "upstream"}
-    code: str = document["error"]["code"]
+    code: str = (await error_of(resp))["code"]
     return code
 
 
@@ -225,13 +211,6 @@ def pool_in_use(proxy: RunningProxy) -> int | None:
     if isinstance(opened, int) and isinstance(pools, dict):  # proxy.leanclient
         return opened - sum(len(idle) for idle in pools.values())
     return None
-
-
-async def eventually(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 # == 1. DNS rebinding: the Host allow-list ======================================
@@ -765,144 +744,7 @@ async def test_inbound_token_with_non_utf8_bytes_is_407(
     assert answer.error_code() == "proxy_auth_required"
 
 
-# == 6. Token endpoints over plain HTTP =========================================
-
-
-def problems_of(raw: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
-    try:
-        parse_config(raw, env=env or {})
-    except ConfigError as exc:
-        return [str(p) for p in exc.problems]
-    return []
-
-
-def oauth2(token_url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "upstreams": {
-            "api": {
-                "url": "https://api.example.com/v1",
-                "auth": {
-                    "type": "oauth2_client_credentials",
-                    "token_url": token_url,
-                    "client_id": "client",
-                    "client_secret": "${SECRET}",
-                    **extra,
-                },
-            }
-        }
-    }
-
-
-def _insecure(problems: list[str]) -> bool:
-    return any(p.startswith("upstreams.api") and "allow_insecure_token_url" in p for p in problems)
-
-
-@pytest.mark.parametrize(
-    ("token_url", "extra", "insecure"),
-    [
-        ("http://auth.example.com/token", {}, True),
-        ("http://auth.example.com:8080/token", {}, True),
-        ("http://10.0.0.5/token", {}, True),
-        ("http://0.0.0.0/token", {}, True),
-        ("http://localhost.evil.com/token", {}, True),
-        ("http://127.0.0.1/token", {}, False),
-        ("http://127.0.0.1:9999/oauth/token", {}, False),
-        ("http://127.1.2.3/token", {}, False),
-        ("http://localhost/token", {}, False),
-        ("http://LOCALHOST:8081/token", {}, False),
-        ("http://[::1]:9/token", {}, False),
-        ("https://auth.example.com/token", {}, False),
-        ("http://auth.example.com/token", {"allow_insecure_token_url": True}, False),
-        pytest.param("http://127.evil.com/token", {}, True),
-        pytest.param("http://127.0.0.1.nip.io/token", {}, True),
-    ],
-)
-def test_plain_http_token_url(token_url: str, extra: dict[str, Any], insecure: bool) -> None:
-    problems = problems_of(oauth2(token_url, **extra), {"SECRET": "client-secret-1234"})
-    if insecure:
-        assert _insecure(problems), problems
-        assert all("client-secret-1234" not in p for p in problems)
-    else:
-        assert problems == []
-
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "paymo_session": {"type": "paymo_session", "api_key": "${SECRET}"},
-    "didomi": {"type": "didomi", "key": "key-1", "secret": "${SECRET}"},
-    "primaerp": {"type": "primaerp", "api_key": "key-1", "secret_key": "${SECRET}"},
-}
-
-
-@pytest.mark.parametrize("kind", sorted(_PRESETS))
-@pytest.mark.parametrize(
-    ("url", "extra", "insecure"),
-    [
-        ("http://api.example.com/v1", {}, True),
-        ("http://api.example.com:8080", {}, True),
-        ("http://127.0.0.1:9000/v1", {}, False),
-        ("http://localhost:9000/v1", {}, False),
-        ("https://api.example.com/v1", {}, False),
-        ("http://api.example.com/v1", {"allow_insecure_token_url": True}, False),
-    ],
-)
-def test_default_login_url_derived_from_a_plain_http_upstream(
-    kind: str, url: str, extra: dict[str, Any], insecure: bool
-) -> None:
-    raw = {"upstreams": {"api": {"url": url, "auth": {**_PRESETS[kind], **extra}}}}
-    problems = problems_of(raw, {"SECRET": "preset-secret-5678"})
-    if insecure:
-        assert _insecure(problems), problems
-        assert all("preset-secret-5678" not in p for p in problems)
-    else:
-        assert problems == []
-
-
-@pytest.mark.parametrize(
-    ("overrides", "insecure"),
-    [
-        ({"login_url": "https://auth.example.com/sessions"}, False),
-        ({"login_url": "http://auth.example.com/sessions"}, True),
-    ],
-)
-def test_explicit_login_url_decides_for_presets(overrides: dict[str, Any], insecure: bool) -> None:
-    raw = {
-        "upstreams": {
-            "api": {
-                "url": "http://api.example.com/v1",
-                "auth": {**_PRESETS["didomi"], **overrides},
-            }
-        }
-    }
-    assert _insecure(problems_of(raw, {"SECRET": "preset-secret-5678"})) == insecure
-
-
-@pytest.mark.parametrize(
-    ("login_url", "refresh_url", "insecure"),
-    [
-        ("https://a.example.com/login", "https://a.example.com/refresh", False),
-        ("http://a.example.com/login", "https://a.example.com/refresh", True),
-        ("https://a.example.com/login", "http://a.example.com/refresh", True),
-    ],
-)
-def test_login_type_checks_login_and_refresh_urls(
-    login_url: str, refresh_url: str, insecure: bool
-) -> None:
-    auth = {
-        "type": "login",
-        "request": {"url": login_url, "json": {"secret": "${SECRET}"}},
-        "token": "access_token",
-        "refresh": {"token": "refresh_token", "request": {"url": refresh_url}},
-    }
-    raw = {"upstreams": {"api": {"url": "https://api.example.com", "auth": auth}}}
-    assert _insecure(problems_of(raw, {"SECRET": "login-secret-9012"})) == insecure
-
-
-def test_insecure_token_url_problem_never_shows_a_password() -> None:
-    raw = oauth2("http://svc:${PASSWORD}@auth.example.com/token")
-    problems = problems_of(raw, {"SECRET": "client-secret-1234", "PASSWORD": "url-pass-3456"})
-    # Credentials in a URL are refused outright, and the problem never repeats them.
-    assert any("user:password@" in p for p in problems), problems
-    assert all("url-pass-3456" not in p for p in problems), problems
+# == 6. Token endpoints over plain HTTP: config validation, in tests/unit/test_config.py
 
 
 # == 7. Malformed HTTP ==========================================================
@@ -1273,7 +1115,7 @@ async def test_upstream_fails_mid_body(
             expected = ("upstream_unreachable", 502) if reset else ("upstream_timeout", 504)
             assert (await error_code_of(resp), resp.status) == expected
     assert len(upstream.heads) == 1
-    await eventually(lambda: not pool_in_use(proxy), "upstream connection released")
+    await wait_until(lambda: not pool_in_use(proxy), what="upstream connection released")
     async with client.get(proxy.url + "/e/after") as resp:
         assert resp.status == 200
     forwarded_once(echo, "GET", BASE + "/after")
@@ -1303,14 +1145,12 @@ async def test_client_leaving_an_endless_body_closes_the_upstream_connection(
     with suppress(ConnectionError):
         await writer.wait_closed()
 
-    await eventually(lambda: bool(upstream.ended), "the upstream saw the disconnect", 5)
+    await wait_until(lambda: upstream.ended, 5, what="the upstream saw the disconnect")
     assert upstream.ended[0] - left_at < 5
     assert upstream.errors, "the upstream's writes should have failed"
-    await eventually(lambda: not pool_in_use(proxy), "pool slot released", 3)
-    await eventually(
-        lambda: len(asyncio.all_tasks()) <= baseline,
-        f"tasks back to {baseline} (now {len(asyncio.all_tasks())})",
-        3,
+    await wait_until(lambda: not pool_in_use(proxy), 3, what="pool slot released")
+    await wait_until(
+        lambda: len(asyncio.all_tasks()) <= baseline, 3, what=f"tasks back to {baseline}"
     )
     async with client.get(proxy.url + "/e/after") as resp:
         assert resp.status == 200

@@ -6,47 +6,31 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
-from proxy.fakes import PaymoState, SeedFake, start_paymo
+from tests.support import free_port, wait_until
 
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
-    async with await start_paymo(PaymoState(lifetime=60)) as fake:
-        yield fake
-
-
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], deadline_s: float = 15) -> None:
-    deadline = time.monotonic() + deadline_s
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
+
+        async def ready() -> bool:
             assert proc.poll() is None, "proxy exited during start-up"
             try:
                 async with session.get(url + "/-/ready") as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy never became ready")
+                return False
+
+        await wait_until(ready, deadline_s, what="the proxy to become ready", interval=0.05)
 
 
 def start_like_the_container(
@@ -93,10 +77,9 @@ async def test_sigterm_drains_in_flight_requests_then_logs_out(tmp_path: Path, p
             in_flight = [
                 asyncio.create_task(client.get(url + "/slow/slow?seconds=1.0")) for _ in range(5)
             ]
-            deadline = time.monotonic() + 5
-            while echo.state.in_flight < 5:
-                assert time.monotonic() < deadline, "requests never reached the upstream"
-                await asyncio.sleep(0.01)
+            await wait_until(
+                lambda: echo.state.in_flight >= 5, 5, what="requests to reach the upstream"
+            )
             proc.send_signal(signal.SIGTERM)
             responses = await asyncio.gather(*in_flight)
             assert [r.status for r in responses] == [200] * 5
@@ -129,10 +112,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path, echo) -> None:
         await wait_ready(url, proc)
         async with aiohttp.ClientSession() as client:
             pending = asyncio.create_task(client.get(url + "/slow/slow?seconds=20"))
-            deadline = time.monotonic() + 5
-            while echo.state.in_flight < 1:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: echo.state.in_flight >= 1, 5, what="the slow request")
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             assert proc.poll() is None  # draining: waits for the slow request

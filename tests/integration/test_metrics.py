@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.fakes import PaymoState, SeedFake, start_paymo
-
-
-@pytest.fixture
-async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
-    async with await start_paymo(PaymoState(lifetime=60)) as fake:
-        yield fake
+from tests.support import wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -90,10 +80,8 @@ async def test_ready_waits_for_prefetched_tokens(start_proxy, paymo, client) -> 
         assert resp.status == 200  # alive, just not ready
     paymo.state.token_failure = None
     auth = proxy.state.routes["/paymo"].auth
-    deadline = asyncio.get_running_loop().time() + 3
-    while auth.status()["state"] == "backoff":  # the first failure backs off 1 s
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.05)
+    # The first failure backs off 1 s.
+    await wait_until(lambda: auth.status()["state"] != "backoff", 3, what="the backoff to end")
     async with client.get(proxy.url + "/paymo/me") as resp:
         assert resp.status == 200
     async with client.get(proxy.url + "/-/ready") as resp:

@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.fakes import DidomiState, RecordedRequest, SeedFake, start_didomi
-from tests.conftest import Echo, RunningProxy, StartProxy, log_lines
+from proxy.fakes import DidomiState, SeedFake, start_didomi
+from tests.conftest import Echo, RunningProxy, StartProxy
+from tests.support import access_lines, bearer_of
 
 DIDOMI_AUTH = {"type": "didomi", "key": "${KEY}", "secret": "${SECRET}"}
 
@@ -60,18 +61,9 @@ async def didomi(didomi_fake: SeedFake[DidomiState], start_proxy: StartProxy) ->
     return Setup(didomi_fake, proxy)
 
 
-def bearer(rec: RecordedRequest) -> str:
-    (value,) = rec.header_values("Authorization")
-    return value.removeprefix("Bearer ")
-
-
 async def status_of(resp: aiohttp.ClientResponse) -> int:
     await resp.read()
     return resp.status
-
-
-def access_lines(out: str) -> list[dict[str, Any]]:
-    return [r for r in log_lines(out) if r["event"] == "request_finished"]
 
 
 async def warm_up(client: aiohttp.ClientSession, setup: Setup) -> str:
@@ -113,8 +105,8 @@ async def test_post_answered_401_is_replayed_with_identical_body(
     assert first.raw_path == second.raw_path
     for name in ("Content-Type", "Content-Length", "Transfer-Encoding"):
         assert first.header(name) == second.header(name)
-    assert bearer(first) == old
-    assert bearer(second) != old
+    assert bearer_of(first) == old
+    assert bearer_of(second) != old
     assert didomi.state.token_requests == 2
     access = access_lines(capsys.readouterr().out)
     assert [(r["status"], r["retried"]) for r in access] == [(200, False), (200, True)]
@@ -131,7 +123,7 @@ async def test_always_401_is_tried_twice_and_the_401_reaches_the_client(
     assert didomi.state.resource_requests == 1 + 2
     assert didomi.state.token_requests == 2  # one forced refresh, not a loop
     first, second = didomi.state.requests[-2:]
-    assert bearer(first) != bearer(second)
+    assert bearer_of(first) != bearer_of(second)
     access = access_lines(capsys.readouterr().out)
     assert (access[-1]["status"], access[-1]["retried"]) == (401, True)
 
@@ -159,7 +151,7 @@ async def test_body_over_max_replay_body_is_streamed_not_replayed(
     async with client.get(didomi.url) as resp:
         assert await status_of(resp) == 200
     assert didomi.state.token_requests == 2
-    assert bearer(didomi.state.requests[-1]) != old
+    assert bearer_of(didomi.state.requests[-1]) != old
     access = access_lines(capsys.readouterr().out)
     assert [(r["status"], r["retried"]) for r in access] == [
         (200, False),
@@ -183,7 +175,7 @@ async def test_body_at_max_replay_body_is_replayed(
 # -- which statuses retry ----------------------------------------------------------------
 
 
-async def echo_proxy(
+async def echo_behind_didomi_login(
     start_proxy: StartProxy,
     echo: Echo,
     fake: SeedFake[DidomiState],
@@ -229,7 +221,7 @@ async def test_retry_statuses(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     extra = {} if retry_statuses is None else {"retry_statuses": retry_statuses}
-    proxy = await echo_proxy(start_proxy, echo, didomi_fake, **extra)
+    proxy = await echo_behind_didomi_login(start_proxy, echo, didomi_fake, **extra)
     async with client.get(f"{proxy.url}/e/status/{status}") as resp:
         assert await status_of(resp) == status  # the second answer too goes to the client
     attempts = 2 if retried else 1
@@ -248,7 +240,7 @@ async def test_retry_gets_the_second_answer(
     client: aiohttp.ClientSession,
 ) -> None:
     """A 401 that goes away on the retry: the client only sees the success."""
-    proxy = await echo_proxy(start_proxy, echo, didomi_fake)
+    proxy = await echo_behind_didomi_login(start_proxy, echo, didomi_fake)
     async with client.get(proxy.url + "/e/status-401-once", headers={"X-Test-Key": "k1"}) as resp:
         assert resp.status == 200
         assert await resp.json() == {"ok": True, "key": "k1"}

@@ -16,23 +16,21 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.fakes import pattern_chunks
 from proxy.fakes import pattern_sha256 as _pattern_sha256
+from tests.support import free_port, wait_until_sync
 
 SIZE = 200 * 1024 * 1024  # 209715200 bytes per transfer
 MAX_GROWTH = 30 * 1024 * 1024
@@ -62,28 +60,11 @@ def pattern_sha256(n: int) -> str:
     return _pattern_sha256(n)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def wait_until(check: Any, what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class RssSampler:
@@ -159,7 +140,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     echo = _start([sys.executable, "-c", ECHO_SCRIPT], tmp / "echo.out", tmp / "echo.err", env)
     proxy: subprocess.Popen[bytes] | None = None
     try:
-        echo_port = int(wait_until(lambda: (tmp / "echo.out").read_text().strip(), "the echo port"))
+        echo_port = int(
+            wait_until_sync(
+                lambda: (tmp / "echo.out").read_text().strip(), 15, what="the echo port"
+            )
+        )
         echo_url = f"http://127.0.0.1:{echo_port}"
         config = tmp / "config.yaml"
         config.write_text(
@@ -188,7 +173,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             except OSError:
                 return False
 
-        wait_until(healthy, "the proxy's /-/health")
+        wait_until_sync(healthy, 15, what="the proxy's /-/health")
         yield Stack(proxy, echo, url, tmp / "proxy.out", tmp / "proxy.err")
     finally:
         if proxy is not None and proxy.poll() is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,8 @@ from proxy.fakes import (
     start_paymo,
     start_primaerp,
 )
-from tests.conftest import RunningProxy, StartProxy, log_lines
+from tests.conftest import RunningProxy, StartProxy
+from tests.support import log_lines, wait_until
 
 GETPAID_SECRET = "demo-getpaid-secret"
 
@@ -106,10 +106,11 @@ async def wait_out_backoff(
     client: aiohttp.ClientSession, proxy: RunningProxy, name: str, deadline_s: float = 3.0
 ) -> None:
     """Poll /-/status until the upstream's backoff window is over."""
-    deadline = time.monotonic() + deadline_s
-    while (await token_state(client, proxy, name))["token"]["state"] == "backoff":
-        assert time.monotonic() < deadline, "backoff did not end in time"
-        await asyncio.sleep(0.05)
+
+    async def over() -> bool:
+        return bool((await token_state(client, proxy, name))["token"]["state"] != "backoff")
+
+    await wait_until(over, deadline_s, what="the backoff to end", interval=0.05)
 
 
 def events(out: str, name: str) -> list[dict[str, Any]]:
@@ -293,10 +294,8 @@ async def test_other_upstreams_keep_serving(
             },
         )
         hanging = asyncio.ensure_future(answer(client, proxy.url + "/getpaid/accounts"))
-        deadline = time.monotonic() + 2
-        while getpaid.state.token_requests == 0:  # the token request is now hanging
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        # The token request is now hanging.
+        await wait_until(lambda: getpaid.state.token_requests, 2, what="the token request")
         statuses = []
         for i in range(200):
             status, _, _ = await answer(client, proxy.url + "/didomi/properties")
@@ -344,10 +343,11 @@ async def test_failed_background_refresh_keeps_the_valid_token_serving(
         didomi.state.token_failure = "500"
         status, _, _ = await answer(client, url)  # starts the refresh in the background
         assert status == 200
-        deadline = time.monotonic() + 2
-        while (await token_state(client, proxy, "didomi"))["token"]["state"] != "backoff":
-            assert time.monotonic() < deadline, "the background refresh never failed"
-            await asyncio.sleep(0.02)
+
+        async def backing_off() -> bool:
+            return bool((await token_state(client, proxy, "didomi"))["token"]["state"] == "backoff")
+
+        await wait_until(backing_off, 2, what="the background refresh to fail")
         for _ in range(10):
             status, _, _ = await answer(client, url)
             assert status == 200

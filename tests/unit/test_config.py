@@ -213,3 +213,143 @@ def test_example_config_is_valid() -> None:
     config = load_config(str(example), env=env)
     types = {u.auth.type for u in config.upstreams.values()}
     assert {"paymo_session", "primaerp", "didomi", "oauth2_client_credentials", "login"} <= types
+
+
+# -- token endpoints over plain HTTP (SPEC: allow_insecure_token_url) ----------------
+
+
+def problems_of(raw: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    try:
+        parse_config(raw, env=env or {})
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+def oauth2(token_url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {
+            "api": {
+                "url": "https://api.example.com/v1",
+                "auth": {
+                    "type": "oauth2_client_credentials",
+                    "token_url": token_url,
+                    "client_id": "client",
+                    "client_secret": "${SECRET}",
+                    **extra,
+                },
+            }
+        }
+    }
+
+
+def _insecure(problems: list[str]) -> bool:
+    return any(p.startswith("upstreams.api") and "allow_insecure_token_url" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("token_url", "extra", "insecure"),
+    [
+        ("http://auth.example.com/token", {}, True),
+        ("http://auth.example.com:8080/token", {}, True),
+        ("http://10.0.0.5/token", {}, True),
+        ("http://0.0.0.0/token", {}, True),
+        ("http://localhost.evil.com/token", {}, True),
+        ("http://127.0.0.1/token", {}, False),
+        ("http://127.0.0.1:9999/oauth/token", {}, False),
+        ("http://127.1.2.3/token", {}, False),
+        ("http://localhost/token", {}, False),
+        ("http://LOCALHOST:8081/token", {}, False),
+        ("http://[::1]:9/token", {}, False),
+        ("https://auth.example.com/token", {}, False),
+        ("http://auth.example.com/token", {"allow_insecure_token_url": True}, False),
+        pytest.param("http://127.evil.com/token", {}, True),
+        pytest.param("http://127.0.0.1.nip.io/token", {}, True),
+    ],
+)
+def test_plain_http_token_url(token_url: str, extra: dict[str, Any], insecure: bool) -> None:
+    problems = problems_of(oauth2(token_url, **extra), {"SECRET": "client-secret-1234"})
+    if insecure:
+        assert _insecure(problems), problems
+        assert all("client-secret-1234" not in p for p in problems)
+    else:
+        assert problems == []
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "paymo_session": {"type": "paymo_session", "api_key": "${SECRET}"},
+    "didomi": {"type": "didomi", "key": "key-1", "secret": "${SECRET}"},
+    "primaerp": {"type": "primaerp", "api_key": "key-1", "secret_key": "${SECRET}"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PRESETS))
+@pytest.mark.parametrize(
+    ("url", "extra", "insecure"),
+    [
+        ("http://api.example.com/v1", {}, True),
+        ("http://api.example.com:8080", {}, True),
+        ("http://127.0.0.1:9000/v1", {}, False),
+        ("http://localhost:9000/v1", {}, False),
+        ("https://api.example.com/v1", {}, False),
+        ("http://api.example.com/v1", {"allow_insecure_token_url": True}, False),
+    ],
+)
+def test_default_login_url_derived_from_a_plain_http_upstream(
+    kind: str, url: str, extra: dict[str, Any], insecure: bool
+) -> None:
+    raw = {"upstreams": {"api": {"url": url, "auth": {**_PRESETS[kind], **extra}}}}
+    problems = problems_of(raw, {"SECRET": "preset-secret-5678"})
+    if insecure:
+        assert _insecure(problems), problems
+        assert all("preset-secret-5678" not in p for p in problems)
+    else:
+        assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "insecure"),
+    [
+        ({"login_url": "https://auth.example.com/sessions"}, False),
+        ({"login_url": "http://auth.example.com/sessions"}, True),
+    ],
+)
+def test_explicit_login_url_decides_for_presets(overrides: dict[str, Any], insecure: bool) -> None:
+    raw = {
+        "upstreams": {
+            "api": {
+                "url": "http://api.example.com/v1",
+                "auth": {**_PRESETS["didomi"], **overrides},
+            }
+        }
+    }
+    assert _insecure(problems_of(raw, {"SECRET": "preset-secret-5678"})) == insecure
+
+
+@pytest.mark.parametrize(
+    ("login_url", "refresh_url", "insecure"),
+    [
+        ("https://a.example.com/login", "https://a.example.com/refresh", False),
+        ("http://a.example.com/login", "https://a.example.com/refresh", True),
+        ("https://a.example.com/login", "http://a.example.com/refresh", True),
+    ],
+)
+def test_login_type_checks_login_and_refresh_urls(
+    login_url: str, refresh_url: str, insecure: bool
+) -> None:
+    auth = {
+        "type": "login",
+        "request": {"url": login_url, "json": {"secret": "${SECRET}"}},
+        "token": "access_token",
+        "refresh": {"token": "refresh_token", "request": {"url": refresh_url}},
+    }
+    raw = {"upstreams": {"api": {"url": "https://api.example.com", "auth": auth}}}
+    assert _insecure(problems_of(raw, {"SECRET": "login-secret-9012"})) == insecure
+
+
+def test_insecure_token_url_problem_never_shows_a_password() -> None:
+    raw = oauth2("http://svc:${PASSWORD}@auth.example.com/token")
+    problems = problems_of(raw, {"SECRET": "client-secret-1234", "PASSWORD": "url-pass-3456"})
+    # Credentials in a URL are refused outright, and the problem never repeats them.
+    assert any("user:password@" in p for p in problems), problems
+    assert all("url-pass-3456" not in p for p in problems), problems

@@ -35,7 +35,7 @@ def test_name_prefix_headers_and_timing_do_not_change_it() -> None:
 
 def test_secret_scope_audience_extra_and_client_auth_change_it() -> None:
     base = _ident(OAUTH)
-    variants = [
+    variants: list[dict[str, Any]] = [
         {**OAUTH, "client_secret": "s2"},
         {**OAUTH, "scope": "read"},
         {**OAUTH, "audience": "aud"},

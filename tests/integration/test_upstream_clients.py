@@ -26,6 +26,7 @@ from yarl import URL
 
 from proxy.leanclient import LeanUpstreamClient
 from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
+from tests.support import free_port
 
 MiB = 1024 * 1024
 
@@ -813,11 +814,8 @@ async def test_malformed_response_is_a_connection_error(client, serve, answer):
 
 
 async def test_connection_refused(client):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with pytest.raises(ConnectionError):
-        await client.send(endpoint_for(port), "GET", "/", [], None)
+        await client.send(endpoint_for(free_port()), "GET", "/", [], None)
 
 
 async def test_read_timeout_waiting_for_headers(client, serve):
