@@ -64,6 +64,8 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for name, upstream in config.upstreams.items():
         print(f"{config.prefix_of(name)} -> {upstream.url} ({upstream.auth.type})")
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok, {len(config.upstreams)} route(s)", file=sys.stderr)
     return EXIT_OK
 

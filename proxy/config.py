@@ -11,6 +11,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -90,7 +91,18 @@ def _check_header_value(value: Any) -> Any:
 
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
-SecretHeaderValue = Annotated[SecretStr, AfterValidator(_check_header_value)]
+
+
+def _not_empty(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        # Most often a ${VAR} whose variable is set but empty: a login that can only fail.
+        raise ValueError("must not be empty (is its environment variable or file empty?)")
+    return value
+
+
+# A secret the scheme cannot work without: empty is a config error, not a login that fails.
+RequiredSecret = Annotated[SecretStr, AfterValidator(_not_empty)]
+SecretHeaderValue = Annotated[RequiredSecret, AfterValidator(_check_header_value)]
 
 
 def _is_loopback(host: str) -> bool:
@@ -122,14 +134,14 @@ class HeaderAuth(Strict):
 
 class BasicAuth(Strict):
     type: Literal["basic"]
-    username: SecretStr
+    username: RequiredSecret
     password: SecretStr = SecretStr("")
 
 
 class QueryAuth(Strict):
     type: Literal["query"]
     param: str = Field(min_length=1)
-    value: SecretStr
+    value: RequiredSecret
 
 
 class TokenAuthBase(Strict):
@@ -142,7 +154,7 @@ class OAuth2ClientCredentials(TokenAuthBase):
     type: Literal["oauth2_client_credentials"]
     token_url: UrlStr
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
+    client_secret: RequiredSecret
     scope: str | None = None
     audience: str | None = None
     client_auth: Literal["body", "basic", "basic_urlencoded"] = "body"
@@ -152,9 +164,9 @@ class OAuth2ClientCredentials(TokenAuthBase):
 
 class PaymoSession(TokenAuthBase):
     type: Literal["paymo_session"]
-    api_key: SecretStr | None = None
+    api_key: RequiredSecret | None = None
     email: str | None = None
-    password: SecretStr | None = None
+    password: RequiredSecret | None = None
     login_url: UrlStr | None = None
 
     @model_validator(mode="after")
@@ -168,10 +180,10 @@ class PaymoSession(TokenAuthBase):
 
 class Primaerp(TokenAuthBase):
     type: Literal["primaerp"]
-    api_key: SecretStr
+    api_key: RequiredSecret
     username: str | None = None
-    password: SecretStr | None = None
-    secret_key: SecretStr | None = None
+    password: RequiredSecret | None = None
+    secret_key: RequiredSecret | None = None
     login_url: UrlStr | None = None
     refresh_url: UrlStr | None = None
 
@@ -187,8 +199,8 @@ class Primaerp(TokenAuthBase):
 
 class Didomi(TokenAuthBase):
     type: Literal["didomi"]
-    key: SecretStr
-    secret: SecretStr
+    key: RequiredSecret
+    secret: RequiredSecret
     login_url: UrlStr | None = None
 
 
@@ -323,9 +335,22 @@ class TLS(Strict):
 
     @field_validator("ca_file")
     @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
+    def _loads(cls, value: str | None) -> str | None:
+        # Loaded exactly as the upstream client and the token session will load it,
+        # so `check` finds what would otherwise stop `run`.
+        if value is None:
+            return None
+        if not Path(value).is_file():
             raise ValueError(f"file not found: {value}")
+        try:
+            ssl.create_default_context(cafile=value)
+        except ssl.SSLError:
+            raise ValueError(
+                f"no PEM certificate in {value} (a DER file or a key? "
+                "convert with: openssl x509 -inform DER -in FILE -out FILE.pem)"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror}") from None
         return value
 
 
@@ -384,8 +409,41 @@ class Upstream(Strict):
         return self
 
 
+_HOSTNAME = re.compile(
+    r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$"
+)
+_HOST_PORT = re.compile(r"^\[?([^\[\]]*?)\]?:(\d+)$")
+
+
+def _check_listen_host(value: str) -> str:
+    """A host to bind: an IP address or a name. Says what to write instead otherwise."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if _HOSTNAME.match(value):
+        return value
+    if value.startswith(("/", "./", "~")):
+        raise ValueError(
+            "a path is not a host; to listen on a Unix socket, use listen.path: " + value
+        )
+    if "://" in value:
+        raise ValueError("not a URL: write only the host, e.g. host: localhost")
+    if value.startswith("[") and value.endswith("]"):
+        raise ValueError(f"write an IPv6 address without brackets: host: {value[1:-1]!r}")
+    if (hp := _HOST_PORT.match(value)) and (value.count(":") == 1 or value.startswith("[")):
+        host, port = hp.groups()
+        raise ValueError(
+            f"a port does not belong in host; write listen: {{host: {host}, port: {port}}}"
+        )
+    raise ValueError(
+        "not an IP address or host name (0.0.0.0 listens on every IPv4 address, :: on all)"
+    )
+
+
 class Listen(Strict):
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_check_listen_host)] = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     require_token: SecretStr | None = None
     # A connection must complete a request within this long of opening (slowloris)
@@ -425,6 +483,9 @@ class Config(Strict):
     allowed_origins: list[str] = Field(default_factory=list)
     log: Log = Log()
     shutdown_timeout: NonNegativeFloat = 10.0
+    # Seconds to keep serving (Connection: close, /-/ready 503) after SIGTERM before
+    # the drain: Envoy's drain, for an app that outlives its sidecar's signal.
+    shutdown_delay: NonNegativeFloat = 0.0
     # Largest number of upstream connections kept open (all upstreams together).
     pool_size: int = Field(default=256, ge=1, le=100_000)
     # The event loop: uvloop when installed (auto), or asyncio's own as a fallback.
@@ -432,6 +493,8 @@ class Config(Strict):
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+    # What `check` warns about (a secret written into the file), each with its path.
+    _warnings: tuple[Problem, ...] = PrivateAttr(default=())
 
     @field_validator("event_loop")
     @classmethod
@@ -443,6 +506,10 @@ class Config(Strict):
     @property
     def secrets(self) -> frozenset[str]:
         return self._secrets
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return self._warnings
 
     def prefix_of(self, name: str) -> str:
         return self.upstreams[name].prefix or f"/{name}"
@@ -486,9 +553,14 @@ def _walk(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
 
 
 def _interpolate(
-    raw: Any, env: Mapping[str, str], problems: list[Problem], secrets: set[str]
+    raw: Any,
+    env: Mapping[str, str],
+    problems: list[Problem],
+    secrets: set[str],
+    interpolated: set[tuple[str, ...]],
 ) -> Any:
-    """Replace `${VAR}`, `${VAR:-default}` and `${file:/path}` in every string value."""
+    """Replace `${VAR}`, `${VAR:-default}` and `${file:/path}` in every string value;
+    `interpolated` collects the paths of the values that held a reference."""
 
     def resolve(value: str, path: tuple[str, ...]) -> str:
         dotted = ".".join(path)
@@ -502,6 +574,9 @@ def _interpolate(
                 except OSError as exc:
                     problems.append(Problem(dotted, f"cannot read {file_path}: {exc.strerror}"))
                     return ""
+                except UnicodeDecodeError as exc:
+                    problems.append(Problem(dotted, f"{file_path} is not UTF-8 (byte {exc.start})"))
+                    return ""
                 return text[:-1] if text.endswith("\n") else text
             name, sep, default = ref.partition(":-")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -514,6 +589,12 @@ def _interpolate(
             problems.append(Problem(dotted, f"environment variable {name} is not set"))
             return ""
 
+        if "${" in _REF.sub("", value):
+            problems.append(
+                Problem(dotted, "unclosed ${ (write ${VAR}, ${VAR:-default} or ${file:/path})")
+            )
+            return ""
+        interpolated.add(path)
         result = _REF.sub(one, value)
         if result != value and _holds_secrets(path) and result:
             secrets.add(result)
@@ -624,13 +705,19 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError([Problem("", "the config must be a mapping (key: value) at the top")])
     secrets: set[str] = set()
-    raw = _interpolate(raw, env, problems, secrets)
+    interpolated: set[tuple[str, ...]] = set()
+    raw = _interpolate(raw, env, problems, secrets, interpolated)
+    # A value that came from the environment or the command line is reported under
+    # its source's name: the file has nothing wrong at that path.
+    sources: dict[str, str] = {}
     for variable, dotted in ENV_OVERRIDES.items():
         if env.get(variable):
             _set_dotted(raw, dotted, env[variable])
+            sources[dotted] = f"{variable} ({dotted})"
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+            sources[dotted] = f"the command line ({dotted})"
     _check_upstream_names(raw, problems)
     try:
         config = Config.model_validate(raw)
@@ -640,6 +727,8 @@ def parse_config(
         unresolved = {p.path for p in problems}
         for error in exc.errors():
             problem = _problem_from_pydantic(error)
+            if problem.path in sources:
+                problem = Problem(sources[problem.path], problem.message)
             if problem.path not in unresolved:
                 problems.append(problem)
         config = None
@@ -647,7 +736,27 @@ def parse_config(
         raise ConfigError(problems)
     secrets |= collect_secrets(config)
     config._secrets = frozenset(s for s in secrets if len(s) >= 4)
+    config._warnings = tuple(
+        Problem(
+            ".".join(path),
+            "a secret written into the config file; use ${VAR} or ${file:/path} instead",
+        )
+        for path, value in _secret_fields(config)
+        if value and path not in interpolated
+    )
     return config
+
+
+def _secret_fields(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Every SecretStr in the config, with its path in the file."""
+    if isinstance(node, SecretStr):
+        yield path, node.get_secret_value()
+    elif isinstance(node, BaseModel):
+        for name, field in type(node).model_fields.items():
+            yield from _secret_fields(getattr(node, name), (*path, field.alias or name))
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _secret_fields(value, (*path, str(key)))
 
 
 def resolve_config_path(path: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -662,11 +771,15 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(
             [Problem("", f"cannot read config file {path}: {exc.strerror}")]
         ) from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        message = f"{path} is not UTF-8: byte {exc.start} is 0x{byte:02x}; save it as UTF-8"
+        raise ConfigError([Problem("", message)]) from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:

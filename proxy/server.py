@@ -148,6 +148,8 @@ async def serve(
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    for warning in config.warnings:
+        log.warning("config_warning", path=warning.path, problem=warning.message)
     try:
         port = await runner.start()
         log.info(

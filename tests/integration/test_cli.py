@@ -158,8 +158,64 @@ BROKEN = {
     ),
     "port-from-env-not-a-number": Broken(
         VALID_UPSTREAMS,
-        ("listen.port:", "integer"),
+        ("AUTHPROXY_PORT (listen.port):", "integer"),
         env=(("AUTHPROXY_PORT", "abc"),),
+    ),
+    "log-level-from-env": Broken(
+        VALID_UPSTREAMS,
+        ("AUTHPROXY_LOG_LEVEL (log.level):",),
+        env=(("AUTHPROXY_LOG_LEVEL", "loud"),),
+    ),
+    "host-with-port": Broken(
+        VALID_UPSTREAMS + 'listen: {host: "127.0.0.1:8080"}\n',
+        ("listen.host:", "port", "listen: {host: 127.0.0.1, port: 8080}"),
+    ),
+    "host-from-env-with-port": Broken(
+        VALID_UPSTREAMS,
+        ("AUTHPROXY_HOST (listen.host):", "port"),
+        env=(("AUTHPROXY_HOST", "0.0.0.0:80"),),
+    ),
+    "host-is-a-path": Broken(
+        VALID_UPSTREAMS + "listen: {host: /run/authproxy.sock}\n",
+        ("listen.host:", "Unix socket", "listen.path"),
+    ),
+    "host-is-a-url": Broken(
+        VALID_UPSTREAMS + 'listen: {host: "http://localhost"}\n',
+        ("listen.host:", "not a URL"),
+    ),
+    "host-in-brackets": Broken(
+        VALID_UPSTREAMS + 'listen: {host: "[::1]"}\n',
+        ("listen.host:", "without brackets", "::1"),
+    ),
+    "unclosed-reference": Broken(
+        f"""
+        upstreams:
+          e:
+            url: {ECHO_URL}
+            auth: {{type: header, name: X-Api-Key, value: "${{KEY"}}
+        """,
+        ("upstreams.e.auth.value:", "unclosed ${"),
+        env=(("KEY", "k-123456"),),
+    ),
+    "empty-required-secret": Broken(
+        f"""
+        upstreams:
+          e:
+            url: {ECHO_URL}
+            auth: {{type: header, name: X-Api-Key, value: "${{KEY}}"}}
+        """,
+        ("upstreams.e.auth.value:", "empty"),
+        env=(("KEY", ""),),
+    ),
+    "empty-required-secret-by-default": Broken(
+        f"""
+        upstreams:
+          e:
+            url: {ECHO_URL}
+            auth: {{type: oauth2_client_credentials, token_url: "{ECHO_URL}/t",
+                    client_id: me, client_secret: "${{SECRET:-}}"}}
+        """,
+        ("upstreams.e.auth.client_secret:", "empty"),
     ),
     "duplicate-prefix": Broken(
         f"""
@@ -213,6 +269,74 @@ def test_check_reports_broken_config(tmp_path: Path, case: Broken) -> None:
         assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr}"
     assert str(config) in result.stderr  # which file the problems are about
     assert result.stdout == ""
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, PEM, made with openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_check_loads_ca_file_as_run_will(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    der = tmp_path / "cert.der"
+    subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-outform", "DER", "-out", str(der)],
+        check=True, timeout=30,
+    )  # fmt: skip
+    for bad in (der, key, write(tmp_path / "empty.pem", "")):
+        config = write(
+            tmp_path / "config.yaml",
+            f"upstreams:\n  e: {{url: 'https://127.0.0.1:9', tls: {{ca_file: '{bad}'}}}}\n",
+        )
+        for command in ("check", "run"):
+            result = authproxy(command, "-c", str(config))
+            assert result.returncode == 2, (bad, command, result)
+            assert_no_traceback(result)
+            assert "upstreams.e.tls.ca_file:" in result.stderr, result.stderr
+            assert "no PEM certificate" in result.stderr, result.stderr
+    config = write(
+        tmp_path / "config.yaml",
+        f"upstreams:\n  e: {{url: 'https://127.0.0.1:9', tls: {{ca_file: '{cert}'}}}}\n",
+    )
+    assert authproxy("check", "-c", str(config)).returncode == 0
+
+
+def test_check_names_the_byte_offset_of_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(VALID_UPSTREAMS.encode() + b"# caf\xe9\n")
+    result = authproxy("check", "-c", str(config))
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    offset = len(VALID_UPSTREAMS.encode()) + len(b"# caf")
+    assert "not UTF-8" in result.stderr and f"byte {offset}" in result.stderr, result.stderr
+
+
+def test_check_warns_about_a_secret_written_into_the_file(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "config.yaml",
+        f"""
+        upstreams:
+          e:
+            url: {ECHO_URL}
+            auth: {{type: header, name: X-Api-Key, value: literal-key-0f3a}}
+          f:
+            url: {ECHO_URL}
+            auth: {{type: basic, username: "${{USER}}", password: "${{file:{tmp_path}/pw}}"}}
+        """,
+    )
+    (tmp_path / "pw").write_text("pw-from-file\n")
+    result = authproxy("check", "-c", str(config), env=base_env(USER="someone"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "upstreams.e.auth.value" in warnings[0] and "${VAR}" in warnings[0]
+    assert "literal-key-0f3a" not in result.stdout + result.stderr
 
 
 def test_check_lists_every_problem_of_several(tmp_path: Path) -> None:
