@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.auth.login import TokenAuth
 from proxy.fakes import DIDOMI_BASE, DidomiState, create_didomi_app, serve
 from tests.conftest import RunningProxy, StartProxy, _tracing
 from tests.support import access_lines, bearer_of, log_lines, wait_until
@@ -188,7 +189,7 @@ async def test_stale_token_is_renewed_once_under_load(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Many concurrent requests after refresh time: one refresh, nobody waits for it."""
-    state = DidomiState(lifetime=1.0)
+    state = DidomiState(lifetime=2.0)
     async with await serve(create_didomi_app(state)) as running:
         proxy = await start_proxy(
             {
@@ -203,8 +204,16 @@ async def test_stale_token_is_renewed_once_under_load(
         )
         url = proxy.url + "/didomi/properties"
         assert await fetch(wide_client, url) == 200
-        token = proxy.state.routes["/didomi"].auth.status()
+        auth = proxy.state.routes["/didomi"].auth
+        assert isinstance(auth, TokenAuth)
+        token = auth.status()
         assert token["state"] == "valid"
+        # Before half the lifetime (refresh_before 60 s is capped at 1 s here): no refresh,
+        # not even in the background. Let any background refresh finish before counting.
+        statuses = await asyncio.gather(*(fetch(wide_client, url) for _ in range(20)))
+        assert statuses == [200] * 20
+        await auth.manager.wait_idle()
+        assert state.token_requests == 1
         # Past half the lifetime but before expiry: the token is stale, still valid.
         await asyncio.sleep(token["expires_in"] / 2 + 0.05)
         state.token_delay = 0.2

@@ -16,6 +16,16 @@ from tests.support import free_port, wait_until
 
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
 
+# What a client might carry: none of it may reach a fake API (SPEC §4 "Stripping").
+CLIENT_MARK = "client-own-cred-3f9a"
+CLIENT_CREDENTIALS = {
+    "Authorization": f"Bearer {CLIENT_MARK}",
+    "Proxy-Authorization": f"Basic {CLIENT_MARK}",
+    "Cookie": f"session={CLIENT_MARK}",
+}
+# Paymo's injected header: replaced on the Paymo route (other routes may pass it on).
+CLIENT_SESSION = {"X-Session": "client-session-77c1"}
+
 
 def start_demo(port: int, out: Path, err: Path) -> subprocess.Popen[bytes]:
     with out.open("wb") as stdout, err.open("wb") as stderr:
@@ -43,12 +53,21 @@ async def test_demo_serves_the_printed_commands_offline_and_stops_cleanly(tmp_pa
         async with aiohttp.ClientSession() as client:
             for _ in range(2):  # the second round outlives the 2 s demo tokens
                 for url in urls:
-                    async with client.get(url.replace("localhost", "127.0.0.1")) as resp:
+                    target = url.replace("localhost", "127.0.0.1")
+                    headers = {**CLIENT_CREDENTIALS, **CLIENT_SESSION}
+                    async with client.get(target, headers=headers) as resp:
                         assert resp.status == 200, (url, await resp.text())
                         body = await resp.json()
                     if "/-/" not in url:
                         # The fake saw the proxy's credential, never a client's.
-                        assert body["echo"]["method"] == "GET"
+                        echo = body["echo"]
+                        assert echo["method"] == "GET"
+                        seen = {name.lower(): value for name, value in echo["headers"]}
+                        assert CLIENT_MARK not in json.dumps(echo), (url, echo)
+                        assert "cookie" not in seen, (url, echo)
+                        assert "proxy-authorization" not in seen, (url, echo)
+                        if "/paymo/" in url:
+                            assert seen["x-session"] != CLIENT_SESSION["X-Session"], echo
                 await asyncio.sleep(2.1)
             async with client.get(f"http://127.0.0.1:{port}/-/status") as resp:
                 status = await resp.json()

@@ -21,6 +21,10 @@ from proxy.fakes import DidomiState, SeedFake, start_didomi
 from tests.conftest import Echo, RunningProxy, StartProxy
 from tests.support import access_lines, bearer_of
 
+# Each case takes well under a second: a replay that waits on a body already streamed
+# away must fail here in seconds, not at the suite's 120 s timeout.
+pytestmark = pytest.mark.timeout(10)
+
 DIDOMI_AUTH = {"type": "didomi", "key": "${KEY}", "secret": "${SECRET}"}
 
 
