@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -303,7 +304,9 @@ def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:
             body=proxy.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
         )
     if path == "/-/status":
-        return _json(200, {"upstreams": {r.name: describe(r) for r in proxy.routes.values()}})
+        upstreams = {r.name: describe(r) for r in proxy.routes.values()}
+        # pid: which process answered (with `run --workers N`, one of the workers).
+        return _json(200, {"pid": os.getpid(), "upstreams": upstreams})
     raise NoRoute("unknown admin endpoint; try /-/health or /-/status")
 
 

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="listen address (overrides listen.host)")
     run.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     run.add_argument("--log-format", choices=["json", "console"], help="log format")
+    run.add_argument(
+        "--workers", type=int, help="serving processes behind one socket (overrides workers)"
+    )
 
     check = commands.add_parser("check", help="validate the config without touching the network")
     check.add_argument(
@@ -73,7 +76,12 @@ def _check(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from proxy.server import run, serve, tune_allocator
 
-    overrides = {"listen.host": args.host, "listen.port": args.port, "log.format": args.log_format}
+    overrides = {
+        "listen.host": args.host,
+        "listen.port": args.port,
+        "log.format": args.log_format,
+        "workers": args.workers,
+    }
     try:
         _, config = _load(args, overrides)
     except ConfigError as exc:
@@ -81,6 +89,10 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(config.log.level, config.log.format, config.secrets)
     tune_allocator()
+    if config.workers > 1:
+        from proxy.supervisor import supervise
+
+        return supervise(config)
     run(serve(config), config.event_loop)
     return EXIT_OK
 

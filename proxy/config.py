@@ -41,6 +41,7 @@ ENV_OVERRIDES = {
     "AUTHPROXY_PORT": "listen.port",
     "AUTHPROXY_LOG_FORMAT": "log.format",
     "AUTHPROXY_LOG_LEVEL": "log.level",
+    "AUTHPROXY_WORKERS": "workers",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _METHOD = re.compile(r"^[A-Z]+$")
@@ -490,6 +491,8 @@ class Config(Strict):
     pool_size: int = Field(default=256, ge=1, le=100_000)
     # The event loop: uvloop when installed (auto), or asyncio's own as a fallback.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Serving processes behind one listening socket (SPEC §8, proxy/supervisor.py).
+    workers: int = Field(default=1, ge=1, le=256)
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())

@@ -91,6 +91,10 @@ class LineWriter:
     def __init__(self) -> None:
         self._pending: list[str] = []
         self._scheduled = False
+        # Set in the workers of `run --workers N`, which share one stdout: each write
+        # is whole lines of at most this many bytes, so a pipe (PIPE_BUF) never
+        # interleaves two workers' lines. None: one write per batch.
+        self.max_write: int | None = None
 
     def write(self, line: str) -> None:
         self._pending.append(line)
@@ -110,7 +114,21 @@ class LineWriter:
             return
         lines, self._pending = self._pending, []
         out: TextIO = sys.stdout
-        out.write("\n".join(lines) + "\n")
+        if self.max_write is None:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            return
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            n = len(line.encode()) + 1
+            if chunk and size + n > self.max_write:
+                out.write("\n".join(chunk) + "\n")
+                out.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
+        out.write("\n".join(chunk) + "\n")
         out.flush()
 
 

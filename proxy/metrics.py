@@ -34,6 +34,9 @@ class Metrics:
         self.in_flight = 0
         # upstream -> per-bucket counts (last: +Inf) and the sum of observations.
         self.latency: dict[str, tuple[list[int], list[float]]] = {}
+        # Set in a worker of `run --workers N` (proxy/workermetrics.py): a scrape
+        # then answers with every worker's numbers merged, not this process's alone.
+        self.merged: Callable[[], bytes] | None = None
 
     def watch(self, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
         """Register the scrape-time view of the upstreams: (name, auth.counters())."""
@@ -60,6 +63,8 @@ class Metrics:
             entry[1][0] += upstream_seconds
 
     def render(self) -> bytes:
+        if self.merged is not None:
+            return self.merged()
         return generate_latest(self.registry)
 
 

@@ -13,8 +13,10 @@ import ctypes
 import importlib.util
 import os
 import signal
+import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import structlog
@@ -26,6 +28,9 @@ from proxy.logs import WRITER
 from proxy.tokens import TokenStore
 
 log = structlog.get_logger("authproxy")
+
+# Something a worker runs beside its proxy while it serves (proxy/supervisor.py).
+ProxyContext = Callable[[Proxy], AbstractAsyncContextManager[None]]
 
 # glibc's mallopt(M_TOP_PAD): bytes kept at the top of the heap when it shrinks.
 M_TOP_PAD = -2
@@ -70,12 +75,30 @@ def listen_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _around_proxy(
+    context: ProxyContext,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def around(app: web.Application) -> AsyncIterator[None]:
+        async with context(app[PROXY]):
+            yield
+
+    return around
+
+
 class ProxyRunner:
     """Start-up, one listening socket, and the orderly shutdown of a proxy app."""
 
-    def __init__(self, config: Config, token_store: TokenStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        token_store: TokenStore | None = None,
+        contexts: Sequence[ProxyContext] = (),
+    ) -> None:
         self.config = config
         self.app = create_app(config, token_store)
+        # Entered once the proxy is built, left after the drain and before logouts.
+        for context in contexts:
+            self.app.cleanup_ctx.append(_around_proxy(context))
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.ServerRunner | None = None
         self.port = 0
@@ -86,8 +109,15 @@ class ProxyRunner:
     def proxy(self) -> Proxy:
         return self.app[PROXY]
 
-    async def start(self, host: str | None = None, port: int | None = None) -> int:
-        """Build the proxy (sessions, authenticators, prefetch), then listen."""
+    async def start(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        sock: socket.socket | None = None,
+        admin_sock: socket.socket | None = None,
+    ) -> int:
+        """Build the proxy (sessions, authenticators, prefetch), then listen — on `sock`
+        (and `admin_sock`) when given: sockets a supervisor bound and shares between workers."""
         self.app.on_startup.freeze()  # as aiohttp's AppRunner does
         await self.app.startup()
         self.app.freeze()
@@ -95,18 +125,28 @@ class ProxyRunner:
             make_server(self.app), shutdown_timeout=self.config.shutdown_timeout
         )
         await self._runner.setup()
-        host = self.config.listen.host if host is None else host
-        port = self.config.listen.port if port is None else port
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        else:
+            host = self.config.listen.host if host is None else host
+            port = self.config.listen.port if port is None else port
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        address = self._runner.addresses[0]
+        self.port = int(address[1]) if isinstance(address, tuple) else 0
         admin = self.config.admin
         if admin is not None:
             self._admin_runner = web.ServerRunner(make_admin_server(self.app), shutdown_timeout=1)
             await self._admin_runner.setup()
-            await web.TCPSite(
-                self._admin_runner, admin.host, admin.port, reuse_address=True
-            ).start()
+            admin_site: web.BaseSite
+            if admin_sock is not None:
+                admin_site = web.SockSite(self._admin_runner, admin_sock)
+            else:
+                admin_site = web.TCPSite(
+                    self._admin_runner, admin.host, admin.port, reuse_address=True
+                )
+            await admin_site.start()
             self.admin_port = int(self._admin_runner.addresses[0][1])
         return self.port
 
@@ -131,9 +171,13 @@ async def serve(
     *,
     on_ready: Callable[[int], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    sock: socket.socket | None = None,
+    admin_sock: socket.socket | None = None,
+    contexts: Sequence[ProxyContext] = (),
 ) -> None:
-    """Serve until a signal (or `stop`) arrives; `on_ready` receives the bound port."""
-    runner = ProxyRunner(config)
+    """Serve until a signal (or `stop`) arrives; `on_ready` receives the bound port.
+    A worker of `run --workers N` passes the shared sockets and its `contexts`."""
+    runner = ProxyRunner(config, contexts=contexts)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -151,7 +195,7 @@ async def serve(
     for warning in config.warnings:
         log.warning("config_warning", path=warning.path, problem=warning.message)
     try:
-        port = await runner.start()
+        port = await runner.start(sock=sock, admin_sock=admin_sock)
         log.info(
             "proxy_started",
             listen=listen_url(config.listen.host, port),

@@ -11,6 +11,7 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -681,6 +682,7 @@ async def test_status_shape_without_secrets(
         assert resp.status == 200
         text = await resp.text()
     status = json.loads(text)
+    assert status.pop("pid") == os.getpid()  # the proxy runs in this test's process
     empty = {"state": "none", "expires_in": None}
     assert status == {
         "upstreams": {
