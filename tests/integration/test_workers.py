@@ -211,6 +211,18 @@ async def test_two_workers_both_serve_and_sigterm_exits_0_with_nothing_left(
     assert all(e["exit_code"] == 0 for e in r.events("worker_stopped"))
 
 
+async def test_the_admin_listener_is_bound_once_and_served_by_every_worker(spawn, echo) -> None:
+    config = config_for(echo.url, admin={"host": "127.0.0.1", "port": 0})
+    r = await ready(spawn(config, "--workers", "2"), 2)
+    admin = r.events("supervisor_started")[0]["admin"]
+    assert admin.startswith("http://127.0.0.1:") and admin != r.url
+    async with aiohttp.ClientSession() as s, s.get(admin + "/-/metrics") as resp:
+        assert resp.status == 200
+        assert "authproxy_requests_total" in await resp.text()
+    assert all(e["admin"] == admin for e in r.events("proxy_started"))
+    await stop(r)
+
+
 async def test_workers_from_the_file_and_from_the_environment(spawn, echo) -> None:
     r = await ready(spawn(config_for(echo.url, workers=2)), 2)
     assert len(r.workers()) == 2
