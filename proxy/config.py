@@ -33,6 +33,15 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.connector import (
+    Egress,
+    EgressProxy,
+    ProxyEnv,
+    TLSFileError,
+    check_pem,
+    parse_proxy_url,
+    tls_context,
+)
 from proxy.errors import ConfigError, Problem
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -331,10 +340,17 @@ class Timeout(Strict):
 
 
 class TLS(Strict):
+    """Trust (`verify`, `ca_file`) and the client certificate (`cert_file`, `key_file`,
+    `key_password`). Validation loads the files the way `run` will (proxy.connector),
+    so a bad one is a config error with its dotted path, never a traceback."""
+
     verify: bool = True
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: SecretStr | None = None
 
-    @field_validator("ca_file")
+    @field_validator("ca_file", "cert_file")
     @classmethod
     def _loads(cls, value: str | None) -> str | None:
         # Loaded exactly as the upstream client and the token session will load it,
@@ -354,6 +370,46 @@ class TLS(Strict):
             raise ValueError(f"cannot read {value}: {exc.strerror}") from None
         return value
 
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            _pem_or_error(value, "private key")
+        return value
+
+    @model_validator(mode="after")
+    def _loadable(self) -> Self:
+        if self.cert_file is None and (self.key_file or self.key_password):
+            raise ValueError("key_file and key_password need cert_file")
+        try:
+            self.context()
+        except TLSFileError as exc:
+            # Name the key: pydantic reports an "after" check at the model's path.
+            raise ValueError(f"{exc.field}: {exc}") from None
+        return self
+
+    def context(self) -> ssl.SSLContext | bool:
+        """The SSLContext `run` uses for the upstream and its token endpoints."""
+        password = self.key_password.get_secret_value() if self.key_password else None
+        return tls_context(self.verify, self.ca_file, self.cert_file, self.key_file, password)
+
+
+def _pem_or_error(path: str, kind: str) -> None:
+    try:
+        check_pem(path, kind, "")
+    except TLSFileError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_egress_proxy(value: str | None) -> str | None:
+    if value is None or value.strip().lower() == "none":
+        return value
+    parse_proxy_url(value)  # ValueError says what is wrong, without echoing the URL
+    return value
+
+
+EgressProxyStr = Annotated[str | None, AfterValidator(_check_egress_proxy)]
+
 
 class Upstream(Strict):
     prefix: str | None = None
@@ -369,6 +425,8 @@ class Upstream(Strict):
     max_replay_body: NonNegativeInt = 1_048_576
     timeout: Timeout = Timeout()
     tls: TLS = TLS()
+    # An http:// proxy URL or `none`; unset: the top level's, then the environment's.
+    egress_proxy: EgressProxyStr = None
 
     @field_validator("prefix")
     @classmethod
@@ -446,6 +504,9 @@ def _check_listen_host(value: str) -> str:
 class Listen(Strict):
     host: Annotated[str, AfterValidator(_check_listen_host)] = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # A Unix socket instead of host:port (kubectl proxy --unix-socket), and its mode.
+    path: str | None = None
+    mode: int = 0o600
     require_token: SecretStr | None = None
     # A connection must complete a request within this long of opening (slowloris)
     # and may idle this long between requests: nginx's 60 s header / 75 s keep-alive.
@@ -456,6 +517,29 @@ class Listen(Strict):
     def _empty_is_off(cls, value: Any) -> Any:
         # `${PROXY_TOKEN:-}` left unset means "no inbound token", not "the empty token".
         return None if value == "" else value
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _empty_path_is_off(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # YAML reads 0600 as octal already; "0600", "600" and "0o600" are octal too.
+        if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value.strip()):
+            return int(value.strip().removeprefix("0o"), 8)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 0o777:
+            raise ValueError('a file mode such as 0600 (quote it: "0600")')
+        return value
+
+    @model_validator(mode="after")
+    def _path_or_port(self) -> Self:
+        if self.path is not None and {"host", "port"} & self.model_fields_set:
+            raise ValueError("give path (a Unix socket) or host and port, not both")
+        if self.path is not None and not 0 <= self.mode <= 0o777:
+            raise ValueError("mode must be a file mode such as 0600")
+        return self
 
 
 class Admin(Strict):
@@ -494,10 +578,14 @@ class Config(Strict):
     # Serving processes behind one listening socket (SPEC §8, proxy/supervisor.py).
     workers: int = Field(default=1, ge=1, le=256)
     upstreams: dict[str, Upstream] = Field(min_length=1)
+    # An http:// proxy URL or `none` for every upstream; unset: the environment's.
+    egress_proxy: EgressProxyStr = None
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
     # What `check` warns about (a secret written into the file), each with its path.
     _warnings: tuple[Problem, ...] = PrivateAttr(default=())
+    # https_proxy / http_proxy / no_proxy as the process found them (parse_config).
+    _proxy_env: ProxyEnv = PrivateAttr(default=ProxyEnv())
 
     @field_validator("event_loop")
     @classmethod
@@ -516,6 +604,24 @@ class Config(Strict):
 
     def prefix_of(self, name: str) -> str:
         return self.upstreams[name].prefix or f"/{name}"
+
+    def egress_for(self, name: str) -> Egress:
+        """Upstream `name`'s egress policy: its `egress_proxy`, the top level's, or
+        else the environment's (SPEC §10)."""
+        value = self.upstreams[name].egress_proxy or self.egress_proxy
+        if value is None:
+            return Egress(self._proxy_env)
+        if value.strip().lower() == "none":
+            return Egress(self._proxy_env, overridden=True)
+        return Egress(self._proxy_env, overridden=True, explicit=parse_proxy_url(value))
+
+    def egress_proxies(self) -> list[EgressProxy]:
+        """Every egress proxy this config may use (for the redaction set)."""
+        found = [p for p in (self._proxy_env.https, self._proxy_env.http) if p is not None]
+        for value in [self.egress_proxy, *(u.egress_proxy for u in self.upstreams.values())]:
+            if value is not None and value.strip().lower() != "none":
+                found.append(parse_proxy_url(value))
+        return found
 
 
 # -- loading ----------------------------------------------------------------
@@ -630,6 +736,13 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _tcp_replaces_path(raw: dict[str, Any], dotted: str) -> None:
+    """`--host`/`--port` (or their variables) replace `listen.path` with TCP (SPEC §10)."""
+    listen = raw.get("listen")
+    if dotted in ("listen.host", "listen.port") and isinstance(listen, dict):
+        listen.pop("path", None)
+
+
 def _check_upstream_names(raw: dict[str, Any], problems: list[Problem]) -> None:
     """Names and prefixes, checked on the raw document so they are reported even
     when an upstream has other problems too."""
@@ -717,10 +830,12 @@ def parse_config(
         if env.get(variable):
             _set_dotted(raw, dotted, env[variable])
             sources[dotted] = f"{variable} ({dotted})"
+            _tcp_replaces_path(raw, dotted)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
             sources[dotted] = f"the command line ({dotted})"
+            _tcp_replaces_path(raw, dotted)
     _check_upstream_names(raw, problems)
     try:
         config = Config.model_validate(raw)
@@ -735,9 +850,18 @@ def parse_config(
             if problem.path not in unresolved:
                 problems.append(problem)
         config = None
+    try:
+        proxy_env = ProxyEnv.from_env(env)
+    except ValueError as exc:
+        variable, _, message = str(exc).removeprefix("environment variable ").partition(": ")
+        problems.append(Problem(variable, message))
+        proxy_env = ProxyEnv()
     if problems or config is None:
         raise ConfigError(problems)
+    config._proxy_env = proxy_env
     secrets |= collect_secrets(config)
+    for egress in config.egress_proxies():
+        secrets |= egress.secret_forms()
     config._secrets = frozenset(s for s in secrets if len(s) >= 4)
     config._warnings = tuple(
         Problem(

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.config import Config, Upstream
+from proxy.connector import OutboundError
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
 from proxy.logs import ACCESS, fingerprint
@@ -56,11 +57,8 @@ class Route:
 
 
 def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | bool:
-    if not upstream.tls.verify:
-        return False
-    if upstream.tls.ca_file:
-        return ssl.create_default_context(cafile=upstream.tls.ca_file)
-    return True
+    """Trust and client certificate, shared by the upstream and its token endpoints."""
+    return upstream.tls.context()
 
 
 def build_route(
@@ -71,7 +69,10 @@ def build_route(
     store: TokenStore | None = None,
 ) -> Route:
     ssl_ctx = ssl_context_for(upstream)
-    auth = build_authenticator(name, upstream, session, ssl_ctx, config.secrets, store)
+    egress = config.egress_for(name)
+    auth = build_authenticator(
+        name, upstream, session, ssl_ctx, config.secrets, store, egress=egress
+    )
     strip_query = set(upstream.strip_query)
     if auth.injected_query:
         strip_query.add(auth.injected_query)
@@ -85,6 +86,7 @@ def build_route(
         ssl=ssl_ctx,
         connect_timeout=upstream.timeout.connect,
         read_timeout=upstream.timeout.read,
+        egress=egress.proxy_for(target.scheme, target.host),
     )
     return Route(
         name=name,
@@ -281,6 +283,8 @@ async def _send(
         return await client.send(route.endpoint, method, target, headers, body)
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {route.name} did not answer in time", route.name) from None
+    except OutboundError as exc:  # its message is written for a person
+        raise UpstreamUnreachable(f"upstream {route.name}: {exc}", route.name) from None
     except OSError as exc:  # ConnectionError and friends
         raise UpstreamUnreachable(
             f"upstream {route.name} unreachable ({type(exc).__name__})", route.name

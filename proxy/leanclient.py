@@ -13,7 +13,12 @@ What it does, and the choices that differ from a general-purpose client:
   per response (a parser is never reused across responses: httptools cannot be
   told that a HEAD response has no body, so a HEAD response is declared complete
   at its headers and its parser dropped).
-* Pooling: idle keep-alive connections per (scheme, host, port, ssl), taken LIFO
+* Egress proxy (SPEC §10, `proxy.connector`): an HTTPS upstream is reached through
+  the proxy's `CONNECT` and TLS inside the tunnel (the upstream's name verified and
+  sent as SNI); a plain-HTTP one by absolute-form requests to the proxy, with its
+  Proxy-Authorization in the head (the proxy consumes it). A 407 from the proxy is
+  an `EgressError`, never handed on as the upstream's answer.
+* Pooling: idle keep-alive connections per (scheme, host, port, ssl, egress proxy), taken LIFO
   (the warmest socket first); at most `pool_size` connections open in total,
   across all upstreams. At the limit, an idle connection of another upstream is
   closed to make room, or else `send` waits for one to be freed, at most the
@@ -66,6 +71,13 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools  # type: ignore[import-untyped, unused-ignore]  # stubs since 0.7
 
+from proxy.connector import (
+    EgressError,
+    client_certificate_demanded,
+    open_tunnel,
+    proxy_reply_error,
+    proxy_unreachable,
+)
 from proxy.upstream import Body, Endpoint
 
 __all__ = ["LeanUpstreamClient", "UpstreamConnectionError"]
@@ -107,13 +119,17 @@ class _Dest:
     """Everything per Endpoint that does not change between requests."""
 
     __slots__ = (
+        "absolute",
         "connect_timeout",
+        "egress",
+        "head_lines",
         "host",
         "host_line",
         "idle",
         "port",
         "sni",
         "ssl",
+        "tunnel",
     )
 
     def __init__(self, endpoint: Endpoint, idle: list[_Conn], ssl_ctx: ssl.SSLContext | None):
@@ -122,8 +138,17 @@ class _Dest:
         self.ssl = ssl_ctx
         self.sni = endpoint.host if ssl_ctx is not None else None
         self.host_line = f" HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"
+        self.head_lines = 3  # request line, Host, the blank line
         self.idle = idle  # shared by every Endpoint with the same pool key
         self.connect_timeout = endpoint.connect_timeout
+        self.egress = egress = endpoint.egress
+        self.tunnel = egress is not None and ssl_ctx is not None  # CONNECT, then TLS
+        self.absolute = ""  # prefix of an absolute-form target (plain HTTP via a proxy)
+        if egress is not None and ssl_ctx is None:
+            self.absolute = endpoint.base
+            if egress.authorization:
+                self.host_line += f"Proxy-Authorization: {egress.authorization}\r\n"
+                self.head_lines = 4
 
 
 class _LeanResponse:
@@ -251,6 +276,8 @@ class _Conn(asyncio.Protocol):
                 resp._conn = None
                 resp._done = True
                 resp._wake()
+            elif (demanded := client_certificate_demanded(exc, self.dest.host)) is not None:
+                self._error(demanded)
             elif not self._got_bytes and self.reused:
                 self._error(_StaleConnection("reused connection closed before any response"))
             elif self._fut is not None:
@@ -578,7 +605,7 @@ class LeanUpstreamClient:
         self._limit = pool_size
         self._open = 0  # connections open or being opened, all upstreams
         self._conns: set[_Conn] = set()
-        self._pools: dict[tuple[str, str, int, object], list[_Conn]] = {}
+        self._pools: dict[tuple[str, str, int, object, object], list[_Conn]] = {}
         self._dests: dict[int, tuple[Endpoint, _Dest]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -593,7 +620,7 @@ class LeanUpstreamClient:
         if entry is not None and entry[0] is endpoint:
             return entry[1]
         ctx = self._ssl_context(endpoint)
-        key = (endpoint.scheme, endpoint.host, endpoint.port, ctx)
+        key = (endpoint.scheme, endpoint.host, endpoint.port, ctx, endpoint.egress)
         dest = _Dest(endpoint, self._pools.setdefault(key, []), ctx)
         # Keyed by identity (the entry keeps the Endpoint alive, so its id stays its
         # own): hashing a frozen dataclass on every request costs more than the rest.
@@ -632,6 +659,8 @@ class LeanUpstreamClient:
         dest = self._dest(endpoint)
         if "#" in target:  # a fragment is never sent (aiohttp's URL drops it too)
             target = target.partition("#")[0]
+        if dest.absolute:  # to an egress proxy: the absolute form names the upstream
+            target = dest.absolute + target
         stream: AsyncIterator[bytes] | None = None
         large: bytes | None = None  # a bytes body too big to join to the head
         chunked = False
@@ -669,6 +698,10 @@ class LeanUpstreamClient:
                 conn.stream(stream, chunked)
             try:
                 resp = await fut
+                if resp.status == 407 and dest.absolute:
+                    resp.close()
+                    assert dest.egress is not None
+                    raise proxy_reply_error(dest.egress, 407, resp.reason, endpoint.host_header)
             except _StaleConnection:
                 # Once, on a new connection, and only what can be sent again safely.
                 if (
@@ -727,14 +760,24 @@ class LeanUpstreamClient:
         conn = _Conn(self, dest, loop)
         try:
             async with asyncio.timeout(dest.connect_timeout):
-                await loop.create_connection(
-                    lambda: conn, dest.host, dest.port, ssl=dest.ssl, server_hostname=dest.sni
-                )
+                if dest.tunnel:
+                    await _connect_tunnel(loop, conn, dest)
+                elif dest.egress is not None:  # plain HTTP: absolute-form to the proxy
+                    proxy = dest.egress
+                    await loop.create_connection(lambda: conn, proxy.host, proxy.port)
+                else:
+                    await loop.create_connection(
+                        lambda: conn, dest.host, dest.port, ssl=dest.ssl, server_hostname=dest.sni
+                    )
         except BaseException as exc:
             self._open -= 1
             self._wake_one()
             if conn.transport is not None:
                 conn.transport.abort()
+            if isinstance(exc, EgressError):
+                raise
+            if isinstance(exc, OSError) and dest.egress is not None and not dest.tunnel:
+                raise proxy_unreachable(dest.egress, exc.strerror or type(exc).__name__) from None
             if isinstance(exc, TimeoutError):
                 raise TimeoutError(f"connect to {dest.host}:{dest.port} timed out") from None
             if isinstance(exc, OSError):
@@ -824,6 +867,21 @@ class LeanUpstreamClient:
             await asyncio.wait(pending, timeout=1.0)
 
 
+async def _connect_tunnel(loop: asyncio.AbstractEventLoop, conn: _Conn, dest: _Dest) -> None:
+    """CONNECT through the egress proxy, then TLS to the upstream inside the tunnel."""
+    assert dest.egress is not None and dest.ssl is not None
+    raw = await open_tunnel(loop, dest.egress, dest.host, dest.port)
+    try:
+        tls = await loop.start_tls(raw, conn, dest.ssl, server_hostname=dest.sni)
+    except BaseException:
+        raw.abort()
+        raise
+    if tls is None:  # only when the loop cannot do TLS at all
+        raw.abort()
+        raise UpstreamConnectionError("this event loop cannot start TLS in a tunnel")
+    conn.connection_made(tls)
+
+
 def _expire(waiter: asyncio.Future[None], limit: int) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError(f"no upstream connection free (pool of {limit})"))
@@ -861,10 +919,10 @@ def _encode_head(
         text = (
             f"{method} {target}{dest.host_line}{CRLF.join(map(': '.join, headers))}\r\n{extra}\r\n"
         )
-        lines = len(headers) + 3
+        lines = len(headers) + dest.head_lines
     else:
         text = f"{method} {target}{dest.host_line}{extra}\r\n"
-        lines = 3
+        lines = dest.head_lines
     if extra:
         lines += 1
     if text.count("\n") != lines or text.count("\r") != lines:

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.connector import EgressProxy
+
 Body = bytes | AsyncIterator[bytes] | None
 
 
@@ -34,6 +36,7 @@ class Endpoint:
     ssl: ssl.SSLContext | bool  # False: no verification; True: default context
     connect_timeout: float
     read_timeout: float
+    egress: EgressProxy | None = None  # the egress proxy to go through (SPEC §10)
 
 
 class UpstreamResponse(Protocol):

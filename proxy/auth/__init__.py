@@ -15,6 +15,7 @@ from proxy.auth import presets, static
 from proxy.auth.base import Authenticator, Credential, Injection, Token
 from proxy.auth.login import LoginFlow, TokenAuth, TokenHttp
 from proxy.config import TokenAuthBase, Upstream
+from proxy.connector import Egress
 from proxy.tokens import TokenManager, TokenStore
 
 __all__ = ["Authenticator", "Credential", "Token", "build_authenticator"]
@@ -36,6 +37,8 @@ def build_authenticator(
     ssl_context: ssl.SSLContext | bool,
     secrets: frozenset[str],
     store: TokenStore | None = None,
+    *,
+    egress: Egress | None = None,
 ) -> Authenticator:
     auth = upstream.auth
     if auth.type in STATIC_TYPES:
@@ -47,7 +50,7 @@ def build_authenticator(
         sock_read=min(upstream.timeout.read, TOKEN_READ_CAP),
         total=upstream.timeout.connect + min(upstream.timeout.read, TOKEN_READ_CAP),
     )
-    http = TokenHttp(session, name, timeout, ssl_context, secrets)
+    http = TokenHttp(session, name, timeout, ssl_context, secrets, egress or Egress())
     flow = LoginFlow(login, http)
     manager = TokenManager(name, flow, refresh_before=login.refresh_before, store=store)
     inject = login.inject

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import structlog
@@ -24,6 +24,12 @@ from proxy import __version__
 from proxy.auth.base import Credential, Injection, Token, basic_authorization
 from proxy.auth.expiry import ExpiryError, dig, jwt_expiry, parse_expires_at, parse_expires_in
 from proxy.config import LoginAuth, RequestSpec
+from proxy.connector import (
+    Egress,
+    EgressError,
+    proxy_reply_error,
+    proxy_unreachable,
+)
 from proxy.errors import AuthFailed
 from proxy.tokens import Grant, TokenManager
 
@@ -46,6 +52,9 @@ class TokenHttp:
     timeout: aiohttp.ClientTimeout
     ssl: ssl.SSLContext | bool
     secrets: frozenset[str]
+    # Which egress proxy each token URL goes through (SPEC §10): passed per request,
+    # not aiohttp's trust_env (no CIDRs in no_proxy, and it reads ~/.netrc).
+    egress: Egress = field(default_factory=Egress)
 
     async def call(
         self,
@@ -76,6 +85,11 @@ class TokenHttp:
             kwargs["data"] = {k: _fill(v, fill) for k, v in spec.form.items()}
             headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
         started = time.perf_counter()
+        egress = self.egress.proxy_for_url(url)
+        if egress is not None:
+            # Credentials ride in the proxy URL: aiohttp sends them to the proxy alone
+            # (on CONNECT, or on an absolute-form request), never to the endpoint.
+            kwargs["proxy"] = egress.url_with_credentials
         try:
             async with self.session.request(
                 spec.method,
@@ -87,6 +101,12 @@ class TokenHttp:
                 auto_decompress=True,
                 **kwargs,
             ) as resp:
+                if resp.status == 407 and egress is not None and not url.startswith("https"):
+                    raise _egress_failed(
+                        proxy_reply_error(egress, 407, resp.reason or "", urlsplit(url).netloc),
+                        what,
+                        self,
+                    )
                 body = bytearray()
                 async for chunk in resp.content.iter_any():
                     body += chunk
@@ -110,6 +130,16 @@ class TokenHttp:
                 return resp.status, resp.headers, bytes(body)
         except TimeoutError:
             raise AuthFailed(f"{what} for {self.upstream} timed out", self.upstream) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            assert egress is not None
+            target = urlsplit(url).netloc.rpartition("@")[2]
+            raise _egress_failed(
+                proxy_reply_error(egress, exc.status, exc.message, target), what, self
+            ) from None
+        except aiohttp.ClientProxyConnectionError as exc:
+            assert egress is not None
+            reason = exc.strerror or type(exc.os_error).__name__
+            raise _egress_failed(proxy_unreachable(egress, reason), what, self) from None
         except aiohttp.ClientError as exc:
             raise AuthFailed(
                 f"{what} for {self.upstream} unreachable ({type(exc).__name__})", self.upstream
@@ -120,6 +150,10 @@ class TokenHttp:
             if secret in text:
                 text = text.replace(secret, "REDACTED")
         return text
+
+
+def _egress_failed(exc: EgressError, what: str, http: TokenHttp) -> AuthFailed:
+    return AuthFailed(f"{what} for {http.upstream} failed: {exc}", http.upstream)
 
 
 def _fill(value: str, fill: dict[str, str]) -> str:
