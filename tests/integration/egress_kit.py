@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.net import free_port
+
 TINYPROXY = "/usr/bin/tinyproxy"
 # tinyproxy binds its outgoing connections here (`Bind`): an upstream that sees this
 # peer address was reached through the proxy, never directly (the proxy uses 127.0.0.1).
@@ -135,12 +137,6 @@ def make_pki(directory: Path, name: str = "Test CA") -> Pki:
 
 
 # -- tinyproxy ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

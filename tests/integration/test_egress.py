@@ -21,11 +21,11 @@ from tests.integration.egress_kit import (
     Pki,
     Recorder,
     alerting_tls_server,
-    free_port,
     make_pki,
     recording_upstream,
     tinyproxy,
 )
+from tests.support.net import free_port
 
 PROXY_USER, PROXY_PASSWORD = "egressuser", "egress-s3cret-pw"
 
@@ -319,7 +319,6 @@ async def test_a_demanded_client_certificate_missing_is_a_clear_502(
     pki: Pki,
     start_proxy: StartProxy,
     client: aiohttp.ClientSession,
-    upstream_client: str,
 ) -> None:
     ctx = pki.server_context("localhost", client_ca=pki.ca_file)
     with alerting_tls_server(ctx) as (port, handshake_errors):
@@ -329,10 +328,9 @@ async def test_a_demanded_client_certificate_missing_is_a_clear_502(
         status, body = await _get(client, f"{proxy.url}/api/x")
     assert status == 502
     assert body["error"]["code"] == "upstream_unreachable"
-    if upstream_client == "lean":
-        message = body["error"]["message"]
-        assert "localhost demands a client certificate" in message, message
-        assert "tls.cert_file" in message
+    message = body["error"]["message"]
+    assert "localhost demands a client certificate" in message, message
+    assert "tls.cert_file" in message
     assert any("did not return a certificate" in e for e in handshake_errors), handshake_errors
 
 
