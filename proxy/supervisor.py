@@ -11,7 +11,8 @@ queued on a dying worker's socket would be reset instead of served by the others
 The supervisor forks before any event loop or thread exists (it never runs
 one: signals are waited for with `sigtimedwait`), so every worker starts from
 a clean process with the config already loaded and validated, and shares
-whatever was drawn at import time (the `request_debug` HMAC key of SPEC §5).
+whatever was drawn at import time: the `request_debug` HMAC key of SPEC §5
+(proxy/logs.py) is the supervisor's, so a fingerprint means the same in every worker.
 
 It restarts a worker that dies — at once the first time, then with a back-off
 doubling from 0.5 s to 30 s while workers of that slot keep dying within 10 s
@@ -220,8 +221,8 @@ class Supervisor:
         if signum in (signal.SIGTERM, signal.SIGINT):
             if not self._stopping:
                 log.info("supervisor_stopping", signal=signum.name, workers=len(self._workers))
-                delay = float(getattr(self.config, "shutdown_delay", 0.0))
-                bound = delay + self.config.shutdown_timeout + 5 + STOP_MARGIN
+                config = self.config
+                bound = config.shutdown_delay + config.shutdown_timeout + 5 + STOP_MARGIN
                 self._stop_deadline = time.monotonic() + bound
             self._stopping = True
             self._due.clear()

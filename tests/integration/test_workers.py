@@ -350,3 +350,25 @@ async def test_metrics_count_every_worker_whichever_answers_and_keep_the_dead_on
     now = r.workers()
     assert await every_answer_is(sent, now) == dict.fromkeys(now, sent), "dead worker's counts lost"
     await stop(r)
+
+
+async def test_request_debug_fingerprints_mean_the_same_in_every_worker(spawn, echo) -> None:
+    """SPEC §5: the HMAC key is drawn once, by the supervisor, for all its workers."""
+    config = config_for(echo.url, log={"level": "debug", "format": "json"})
+    config["upstreams"]["echo"]["auth"] = {
+        "type": "header",
+        "name": "X-Api-Key",
+        "value": "static-key-for-tests",
+    }
+    r = await ready(spawn(config, "--workers", "2"), 2)
+    served = dict.fromkeys(r.workers(), 0)
+    deadline = time.monotonic() + START_S
+    while min(served.values()) == 0 and time.monotonic() < deadline:
+        batch = await asyncio.gather(*(served_on_one_connection(r.url, 2) for _ in range(4)))
+        for pid, ok in batch:
+            served[pid] += ok
+    assert min(served.values()) > 0, served
+    await stop(r)
+    fingerprints = {e["credential"] for e in r.events("request_debug") if e["route"] == "echo"}
+    assert len(fingerprints) == 1, fingerprints  # one credential, one fingerprint
+    assert "static-key-for-tests" not in r.log.read_text()
