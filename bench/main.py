@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.measure import Raw, run_bench
+from bench.measure import Raw, run_bench, run_workers
 from bench.processes import Services
 from bench.report import (
     count_events,
@@ -23,11 +24,31 @@ from bench.report import (
     machine_info,
     problems_of,
     render,
+    render_workers,
     write_reports,
 )
-from bench.settings import BENCH_DIR, MB, BenchError, find_tools, log, parse_args
-from bench.summary import goals, summarize
-from bench.targets import AUTHPROXY, TOKEN, TOKEN_EVENTS, Work, make_workdir, start_all, verify
+from bench.settings import (
+    BENCH_DIR,
+    MB,
+    MIB,
+    BenchError,
+    Settings,
+    Tools,
+    find_tools,
+    log,
+    parse_args,
+)
+from bench.summary import goals, summarize, summarize_workers, worker_goals
+from bench.targets import (
+    AUTHPROXY,
+    TOKEN,
+    TOKEN_EVENTS,
+    Work,
+    make_workdir,
+    start_all,
+    start_workers,
+    verify,
+)
 
 # --------------------------------------------------------------------------- main
 
@@ -37,6 +58,70 @@ def command_line(command: list[str]) -> str:
     entry = Path(command[1])
     how = ["-m", "bench"] if entry.name == "__main__.py" else [os.path.relpath(entry, Path.cwd())]
     return shlex.join(["python", *how, *command[2:]])
+
+
+def workers_mode(
+    settings: Settings,
+    tools: Tools,
+    work: Work,
+    services: Services,
+    command: list[str],
+    started: dt.datetime,
+    load_start: tuple[float, float, float],
+    t0: float,
+) -> int:
+    """`--workers`: authproxy with 1 and 2 processes beside nginx with 1 and 2."""
+    raw = Raw()
+    try:
+        bench = start_workers(settings, tools, work, services)
+        verify(bench)
+        log("all targets verified; measuring")
+        run_workers(bench, raw)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        services.stop_all()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_interrupt)
+    finished = dt.datetime.now(dt.UTC)
+    summary = summarize_workers(settings, raw)
+    gl = worker_goals(settings, summary)
+    meta: dict[str, Any] = {
+        "mode": "workers",
+        "command": command,
+        "command_line": command_line(command),
+        "git_commit": git_commit(),
+        "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished_utc": finished.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "elapsed_s": time.monotonic() - t0,
+        "machine": machine_info(tools),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "problems": problems_of(raw),
+    }
+    markdown = render_workers(meta, settings, summary, gl)
+    data = {
+        "schema": 1,
+        **meta,
+        "settings": {
+            "smoke": settings.smoke,
+            "rounds": settings.rounds,
+            "duration_s": settings.duration,
+            "concurrencies": list(settings.concurrencies),
+            "warmup_s": settings.warmup_s,
+            "peer_access_log": settings.peer_access_log,
+        },
+        "small": {"summary": summary["small"], "runs": raw.small},
+        "scaling": summary["scaling"],
+        "targets": [
+            {"figure": g.figure, "value": g.value, "must": g.must, "status": g.status()} for g in gl
+        ],
+    }
+    stamp = finished.strftime("%Y%m%dT%H%M%SZ")
+    md_path, json_path = write_reports(settings.out, stamp, markdown, data, prefix="workers")
+    print(markdown)
+    log(f"wrote {md_path} and {json_path}")
+    return 0
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -59,8 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = Raw()
     work: Work | None = None
     try:
+        if settings.workers:  # no large bodies in this mode: a small file will do
+            settings = dataclasses.replace(settings, big_bytes=MIB)
         work = make_workdir(settings)
         log(f"work dir {work.root}")
+        if settings.workers:
+            return workers_mode(settings, tools, work, services, command, started, load_start, t0)
         try:
             bench = start_all(settings, tools, work, services)
             expect_100 = verify(bench)

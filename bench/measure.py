@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.processes import RssWatch, child_env, cpu_seconds
+from bench.processes import RssWatch, child_env, children_cpu_seconds, cpu_seconds, machine_cpu
 from bench.settings import MB, BenchError, log
 from bench.stats import median, num, ratio
 from bench.targets import (
@@ -23,6 +23,7 @@ from bench.targets import (
     NGINX,
     TARGETS,
     TOKEN,
+    WORKER_TARGETS,
     Bench,
     Target,
 )
@@ -82,9 +83,11 @@ def measure_small(
     proxy_pids = target.service.pids() if target.service else []
     up_pids = bench.upstream.pids()
     proxy0, up0 = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
+    wrk0, machine0 = children_cpu_seconds(), machine_cpu()
     seconds = bench.settings.duration if duration is None else duration
     result = run_wrk(bench, target.base + "/small.json", connections, seconds)
     proxy1, up1 = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
+    wrk1, machine1 = children_cpu_seconds(), machine_cpu()
     n = result["requests"]
     proxy_us = (proxy1 - proxy0) * 1e6 / n if target.service and n else None
     up_us = (up1 - up0) * 1e6 / n if n else None
@@ -97,6 +100,16 @@ def measure_small(
         "upstream_cpu_us_per_req": up_us,
         # The figure for the target itself: the proxy's, or the upstream's for direct.
         "cpu_us_per_req": proxy_us if target.service else up_us,
+        # Who else had the cores: wrk itself, and the whole machine (busy CPU-seconds,
+        # every process of everyone, and time stolen by the hypervisor) during the run.
+        "wrk_cpu_s": wrk1 - wrk0,
+        "machine_busy_cpu_s": machine1[0] - machine0[0],
+        "machine_steal_cpu_s": machine1[1] - machine0[1],
+        "processes_cpu_s": {
+            "proxy": proxy1 - proxy0,
+            "upstream": up1 - up0,
+            "wrk": wrk1 - wrk0,
+        },
     }
 
 
@@ -249,3 +262,23 @@ def run_pairs(bench: Bench, raw: Raw) -> None:
         )
     mid = median([t["ratio"] for t in raw.triples])
     log(f"added latency c={c1}: authproxy ÷ nginx median {num(mid, 2)}")
+
+
+def run_workers(bench: Bench, raw: Raw) -> None:
+    """The --workers mode: the static route through nginx and authproxy with 1 and 2
+    processes each, in interleaved rounds, with everyone's CPU around every run."""
+    s = bench.settings
+    top = max(s.concurrencies)
+    log(f"warm-up: wrk -c{top} for {s.warmup_s}s per target")
+    for name in WORKER_TARGETS:
+        run_wrk(bench, bench.targets[name].base + "/small.json", top, s.warmup_s)
+    for rnd in range(1, s.rounds + 1):
+        for c in s.concurrencies:
+            for name in round_order(WORKER_TARGETS, rnd):
+                result = measure_small(bench, bench.targets[name], c)
+                raw.small.append({"round": rnd, "c": c, "target": name, **result})
+                log(
+                    f"round {rnd} c={c:<3} {name:<13} {result['rps']:>9.0f} req/s  "
+                    f"CPU {num(result['cpu_us_per_req'], 1):>6} µs/req  "
+                    f"machine busy {result['machine_busy_cpu_s'] / result['duration_s']:.2f} cores"
+                )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -64,6 +65,20 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])
     return ticks / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children (wrk and curl, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU-seconds the whole machine has been busy (every CPU, every process, anyone's)
+    and stolen by the hypervisor, from the first line of /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
 def status_kib(pid: int, key: str) -> int | None:

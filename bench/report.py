@@ -17,7 +17,17 @@ from bench.processes import CLK_TCK
 from bench.settings import MIB, REPO_ROOT, Settings, Tools
 from bench.stats import TIMES, loads, num, times
 from bench.summary import Goal
-from bench.targets import AUTHPROXY, DIRECT, LARGE_TARGETS, NGINX, TARGETS, TOKEN
+from bench.targets import (
+    AUTHPROXY,
+    AUTHPROXY_2W,
+    DIRECT,
+    LARGE_TARGETS,
+    NGINX,
+    NGINX_2W,
+    TARGETS,
+    TOKEN,
+    WORKER_TARGETS,
+)
 
 TABLE_HEADER = (
     "| c | target | req/s | p50 µs | p99 µs | CPU µs/req (proxy) | CPU µs/req (upstream) "
@@ -278,11 +288,89 @@ def problems_of(raw: Raw) -> list[str]:
 
 
 def write_reports(
-    out_dir: Path, stamp: str, markdown: str, data: dict[str, Any]
+    out_dir: Path, stamp: str, markdown: str, data: dict[str, Any], prefix: str = "bench"
 ) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path = out_dir / f"bench-{stamp}.md"
-    json_path = out_dir / f"bench-{stamp}.json"
+    md_path = out_dir / f"{prefix}-{stamp}.md"
+    json_path = out_dir / f"{prefix}-{stamp}.json"
     md_path.write_text(markdown + "\n")
     json_path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return md_path, json_path
+
+
+WORKERS_TABLE_HEADER = (
+    "| c | target | req/s | p50 µs | p99 µs | CPU µs/req (proxy) | cores: proxy "
+    "| upstream | wrk | others | machine busy | steal |"
+)
+
+
+def render_workers(
+    meta: dict[str, Any], settings: Settings, summary: dict[str, Any], gl: list[Goal]
+) -> str:
+    out: list[str] = []
+    w = out.append
+    w(f"# authproxy workers benchmark — {meta['finished_utc']}")
+    w("")
+    if settings.smoke:
+        w("**SMOKE RUN** (short runs): checks the harness, the figures mean little.")
+        w("")
+    m = meta["machine"]
+    w(f"- command: `{meta['command_line']}`")
+    w(f"- commit: `{meta['git_commit']}`")
+    w(
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
+        f"Python {m['python']}, {m['nginx']}, {m['wrk']}"
+    )
+    w(
+        f"- {settings.rounds} interleaved round(s); wrk `-t1 -c{{C}} -d{settings.duration}s` at "
+        f"c = {', '.join(map(str, settings.concurrencies))}; the static-header route; medians "
+        f"over rounds, ratios within each round; total {meta['elapsed_s']:.0f} s"
+    )
+    w(
+        "- load average (1/5/15 min) at start {} and end {}".format(
+            *(loads(meta[k]) for k in ("loadavg_start", "loadavg_end"))
+        )
+    )
+    for problem in meta.get("problems", []):
+        w(f"- **WARNING**: {problem}")
+    w("")
+    w("## Small requests, 1 and 2 processes")
+    w("")
+    w(
+        "Cores: CPU-seconds per second of the run. `proxy` is the whole process tree "
+        "(nginx's master and workers; authproxy's supervisor and workers), `others` the "
+        "machine's busy CPU that was none of proxy, upstream and wrk (other users of the "
+        "machine), `steal` what the hypervisor took."
+    )
+    w("")
+    w(WORKERS_TABLE_HEADER)
+    w("|" + "---|" * (WORKERS_TABLE_HEADER.count("|") - 1))
+    for c in settings.concurrencies:
+        for target in WORKER_TARGETS:
+            e = summary["small"][target][str(c)]
+            k = e["cores"]
+            w(
+                f"| {c} | {target} | {num(e['rps'])} | {num(e['p50_us'])} | {num(e['p99_us'])} "
+                f"| {num(e['cpu_us_per_req'], 1)} | {num(k['proxy'], 2)} | {num(k['upstream'], 2)} "
+                f"| {num(k['wrk'], 2)} | {num(k['others'], 2)} | {num(k['machine_busy'], 2)} "
+                f"| {num(k['steal'], 2)} |"
+            )
+    w("")
+    w("## 2 processes ÷ 1 (same round)")
+    w("")
+    w("| c | proxy | req/s ratio | per round | CPU µs/req ratio |")
+    w("|---|---|---|---|---|")
+    for c in settings.concurrencies:
+        for two in (AUTHPROXY_2W, NGINX_2W):
+            s = summary["scaling"][two][str(c)]
+            rounds = ", ".join(times(v) for v in s["rps_ratio_per_round"])
+            w(f"| {c} | {two} | {times(s['rps_ratio'])} | {rounds} | {times(s['cpu_ratio'])} |")
+    w("")
+    w("## Targets (issue 17)")
+    w("")
+    w("| figure | measured | must reach | result |")
+    w("|---|---|---|---|")
+    for g in gl:
+        w(f"| {g.figure} | {g.shown} | ≥ {g.must}{TIMES} | {g.status()} |")
+    w("")
+    return "\n".join(out)

@@ -55,6 +55,7 @@ class Settings:
     transfers: int
     pairs: int
     tmp_base: Path | None
+    workers: bool = False  # the --workers mode: authproxy with 1 and 2 workers beside nginx
 
 
 def default_tmp_base() -> Path | None:
@@ -106,6 +107,12 @@ def parse_args(argv: Sequence[str]) -> Settings:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="instead: throughput and CPU per request of authproxy with 1 and 2 worker processes "
+        "beside nginx with 1 and 2 (default c=10,100; smoke c=10)",
+    )
+    parser.add_argument(
         "--peer-access-log",
         choices=("on", "off"),
         default="on",
@@ -115,9 +122,10 @@ def parse_args(argv: Sequence[str]) -> Settings:
     smoke: bool = args.smoke
     rounds = args.rounds if args.rounds is not None else (1 if smoke else 3)
     duration = args.duration if args.duration is not None else (1 if smoke else 5)
-    conc = (
-        args.concurrency if args.concurrency is not None else ((1, 10) if smoke else (1, 10, 100))
-    )
+    default_conc: tuple[int, ...] = (1, 10) if smoke else (1, 10, 100)
+    if args.workers:
+        default_conc = (10,) if smoke else (10, 100)
+    conc = args.concurrency if args.concurrency is not None else default_conc
     big_mib = args.big_mib if args.big_mib is not None else (1 if smoke else 100)
     transfers = args.transfers if args.transfers is not None else (1 if smoke else 3)
     pairs = args.pairs if args.pairs is not None else (1 if smoke else 12)
@@ -138,6 +146,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         transfers=transfers,
         pairs=pairs,
         tmp_base=args.tmp if args.tmp is not None else default_tmp_base(),
+        workers=args.workers,
     )
 
 

@@ -10,7 +10,19 @@ from typing import Any
 from bench.measure import Raw
 from bench.settings import MIB, Settings
 from bench.stats import TIMES, median, quartiles, ratio, times
-from bench.targets import AUTHPROXY, DIRECT, LARGE_TARGETS, NGINX, TARGETS, TOKEN
+from bench.targets import (
+    AUTHPROXY,
+    AUTHPROXY_1W,
+    AUTHPROXY_2W,
+    DIRECT,
+    LARGE_TARGETS,
+    NGINX,
+    NGINX_1W,
+    NGINX_2W,
+    TARGETS,
+    TOKEN,
+    WORKER_TARGETS,
+)
 
 
 def summarize(settings: Settings, raw: Raw) -> dict[str, Any]:
@@ -206,4 +218,70 @@ def goals(settings: Settings, summary: dict[str, Any]) -> list[Goal]:
         Goal(
             "cached-token route CPU/request ÷ static-header route", tok_v, tok_s, 1.1, 1.05, False
         ),
+    ]
+
+
+def summarize_workers(settings: Settings, raw: Raw) -> dict[str, Any]:
+    """Per target and concurrency: medians over rounds, each process group's share of
+    the cores, and the same-round ratios of 2 processes to 1 (throughput and CPU)."""
+    rounds = range(1, settings.rounds + 1)
+    by = {(r["round"], r["c"], r["target"]): r for r in raw.small}
+    out: dict[str, Any] = {}
+    for target in WORKER_TARGETS:
+        out[target] = {}
+        for c in settings.concurrencies:
+            rows = [by[(rnd, c, target)] for rnd in rounds]
+
+            def cores(row: dict[str, Any], key: str) -> float:
+                return float(row[key]) / float(row["duration_s"])
+
+            entry: dict[str, Any] = {
+                key: median([row[key] for row in rows])
+                for key in ("rps", "requests", "p50_us", "p99_us", "cpu_us_per_req")
+            }
+            entry["upstream_cpu_us_per_req"] = median([r["upstream_cpu_us_per_req"] for r in rows])
+            entry["wrk_cpu_us_per_req"] = median(
+                [r["wrk_cpu_s"] * 1e6 / r["requests"] if r["requests"] else None for r in rows]
+            )
+            entry["cores"] = {
+                "proxy": median([cores(r, "proxy_cpu_s") for r in rows]),
+                "upstream": median([cores(r, "upstream_cpu_s") for r in rows]),
+                "wrk": median([cores(r, "wrk_cpu_s") for r in rows]),
+                "machine_busy": median([cores(r, "machine_busy_cpu_s") for r in rows]),
+                "steal": median([cores(r, "machine_steal_cpu_s") for r in rows]),
+                # Busy CPU that none of the three was: the machine's other users.
+                "others": median(
+                    [
+                        cores(r, "machine_busy_cpu_s")
+                        - cores(r, "proxy_cpu_s")
+                        - cores(r, "upstream_cpu_s")
+                        - cores(r, "wrk_cpu_s")
+                        for r in rows
+                    ]
+                ),
+            }
+            entry["non2xx"] = sum(r["non2xx"] for r in rows)
+            entry["socket_errors"] = sum(r["socket_errors"] for r in rows)
+            out[target][str(c)] = entry
+    scaling: dict[str, Any] = {}
+    for two, one in ((AUTHPROXY_2W, AUTHPROXY_1W), (NGINX_2W, NGINX_1W)):
+        scaling[two] = {}
+        for c in settings.concurrencies:
+
+            def r_of(key: str, c: int = c, two: str = two, one: str = one) -> list[float | None]:
+                return [ratio(by[(rnd, c, two)][key], by[(rnd, c, one)][key]) for rnd in rounds]
+
+            scaling[two][str(c)] = {
+                "rps_ratio": median(r_of("rps")),
+                "rps_ratio_per_round": r_of("rps"),
+                "cpu_ratio": median(r_of("cpu_us_per_req")),
+            }
+    return {"small": out, "scaling": scaling}
+
+
+def worker_goals(settings: Settings, summary: dict[str, Any]) -> list[Goal]:
+    top = str(100 if 100 in settings.concurrencies else max(settings.concurrencies))
+    value = summary["scaling"][AUTHPROXY_2W][top]["rps_ratio"]
+    return [
+        Goal(f"throughput at c={top}, 2 workers ÷ 1 worker", value, times(value), 1.6, 1.8, True)
     ]

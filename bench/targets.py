@@ -135,19 +135,28 @@ http {{
 """
 
 
-def peer_conf(work: Work, port: int, upstream_port: int, access_log: bool) -> str:
+def peer_conf(
+    work: Work,
+    port: int,
+    upstream_port: int,
+    access_log: bool,
+    name: str = "nginx-peer",
+    processes: int = 1,
+) -> str:
     """nginx as the proxy a user would otherwise deploy, injecting a static header."""
     r = work.root
-    log_line = f"access_log {r / 'nginx-peer-access.log'};" if access_log else "access_log off;"
+    log_line = f"access_log {r / f'{name}-access.log'};" if access_log else "access_log off;"
+    tmp = "peer" if name == "nginx-peer" else name
+    (r / f"{tmp}-tmp").mkdir(mode=0o755, exist_ok=True)
     return f"""# nginx peer proxy
-worker_processes 1;
+worker_processes {processes};
 daemon off;
-pid {r / "nginx-peer.pid"};
-error_log {r / "nginx-peer-error.log"} warn;
+pid {r / f"{name}.pid"};
+error_log {r / f"{name}-error.log"} warn;
 events {{ worker_connections 4096; }}
 http {{
   {log_line}
-{_temp_paths(r, "peer")}
+{_temp_paths(r, tmp)}
   upstream bench_upstream {{
     server 127.0.0.1:{upstream_port};
     keepalive 64;
@@ -204,17 +213,70 @@ class Bench:
     targets: dict[str, Target]
 
 
-def start_all(settings: Settings, tools: Tools, work: Work, services: Services) -> Bench:
-    def start_nginx(name: str, conf: str, port: int) -> Service:
-        conf_path = work.root / f"{name}.conf"
-        conf_path.write_text(conf)
-        argv = [tools.nginx, "-p", str(work.root), "-c", str(conf_path)]
-        argv += ["-e", str(work.root / f"{name}-error.log")]
-        return services.start(name, argv, port, work.root / f"{name}.out", work.root)
+def _start_nginx(
+    tools: Tools, work: Work, services: Services, name: str, conf: str, port: int
+) -> Service:
+    conf_path = work.root / f"{name}.conf"
+    conf_path.write_text(conf)
+    argv = [tools.nginx, "-p", str(work.root), "-c", str(conf_path)]
+    argv += ["-e", str(work.root / f"{name}-error.log")]
+    return services.start(name, argv, port, work.root / f"{name}.out", work.root)
 
-    up_port = free_port()
-    upstream = start_nginx("upstream", upstream_conf(work, up_port), up_port)
-    wait_http(upstream, f"http://127.0.0.1:{up_port}/small.json")
+
+def _start_upstream(tools: Tools, work: Work, services: Services) -> Service:
+    port = free_port()
+    upstream = _start_nginx(tools, work, services, "upstream", upstream_conf(work, port), port)
+    wait_http(upstream, f"http://127.0.0.1:{port}/small.json")
+    return upstream
+
+
+def _start_authproxy(
+    work: Work, services: Services, name: str, upstream_port: int, auth: dict[str, Any], *args: str
+) -> Service:
+    port = free_port()
+    conf = work.root / f"{name}.yaml"
+    conf.write_text(authproxy_config(port, upstream_port, auth))
+    argv = [*authproxy_argv(), "run", "-c", str(conf), "--log-format", "json", *args]
+    return services.start(name, argv, port, work.root / f"{name}.log", work.root)
+
+
+STATIC_AUTH = {"type": "header", "name": "Authorization", "value": STATIC_AUTHORIZATION}
+# The --workers mode's targets: the static-header route through 1 and 2 processes of each.
+NGINX_1W, NGINX_2W, AUTHPROXY_1W, AUTHPROXY_2W = (
+    "nginx-1w",
+    "nginx-2w",
+    "authproxy-1w",
+    "authproxy-2w",
+)
+WORKER_TARGETS = (NGINX_1W, NGINX_2W, AUTHPROXY_1W, AUTHPROXY_2W)
+
+
+def start_workers(settings: Settings, tools: Tools, work: Work, services: Services) -> Bench:
+    """The --workers set-up: one upstream, nginx with 1 and 2 worker processes,
+    authproxy as one process and as `run --workers 2` (a supervisor and 2 workers)."""
+    upstream = _start_upstream(tools, work, services)
+    up_port = upstream.port
+    targets: dict[str, Target] = {}
+    for name, processes in ((NGINX_1W, 1), (NGINX_2W, 2)):
+        port = free_port()
+        conf = peer_conf(work, port, up_port, settings.peer_access_log, name, processes)
+        service = _start_nginx(tools, work, services, name, conf, port)
+        targets[name] = Target(name, f"http://127.0.0.1:{port}{PREFIX}", service)
+    for name, args in ((AUTHPROXY_1W, ()), (AUTHPROXY_2W, ("--workers", "2"))):
+        service = _start_authproxy(work, services, name, up_port, STATIC_AUTH, *args)
+        targets[name] = Target(name, f"http://127.0.0.1:{service.port}{PREFIX}", service)
+    for t in targets.values():
+        assert t.service is not None
+        wait_http(t.service, t.base + "/small.json")
+    return Bench(settings, tools, work, services, upstream, targets)
+
+
+def start_all(settings: Settings, tools: Tools, work: Work, services: Services) -> Bench:
+    upstream = _start_upstream(tools, work, services)
+    up_port = upstream.port
+
+    def start_nginx(name: str, conf: str, port: int) -> Service:
+        return _start_nginx(tools, work, services, name, conf, port)
 
     peer_port = free_port()
     peer = start_nginx(
@@ -231,16 +293,9 @@ def start_all(settings: Settings, tools: Tools, work: Work, services: Services) 
     )
 
     def start_authproxy(name: str, auth: dict[str, Any]) -> Service:
-        port = free_port()
-        conf = work.root / f"{name}.yaml"
-        conf.write_text(authproxy_config(port, up_port, auth))
-        argv = [*authproxy_argv(), "run", "-c", str(conf), "--log-format", "json"]
-        return services.start(name, argv, port, work.root / f"{name}.log", work.root)
+        return _start_authproxy(work, services, name, up_port, auth)
 
-    static = start_authproxy(
-        AUTHPROXY,
-        {"type": "header", "name": "Authorization", "value": STATIC_AUTHORIZATION},
-    )
+    static = start_authproxy(AUTHPROXY, STATIC_AUTH)
     wait_listening(fake, f"http://127.0.0.1:{fake_port}/")  # any answer from the fake
     token = start_authproxy(
         TOKEN,

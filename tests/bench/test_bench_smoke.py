@@ -128,3 +128,22 @@ def test_bench_entry_points(entry: list[str]) -> None:
     )
     assert proc.returncode == 2, proc.stderr  # usage error from the harness's own parser
     assert "--rounds" in proc.stderr and "positive" in proc.stderr, proc.stderr
+
+
+def test_bench_workers_smoke(tmp_path: Path) -> None:
+    """`--workers`: authproxy with 1 and 2 processes beside nginx with 1 and 2, end to end."""
+    stdout = _run_smoke(RUN, "--workers", "--out", str(tmp_path))
+    (json_file,) = tmp_path.glob("workers-*.json")
+    data = json.loads(json_file.read_text())
+    summary = data["small"]["summary"]
+    assert sorted(summary) == sorted(["nginx-1w", "nginx-2w", "authproxy-1w", "authproxy-2w"])
+    for target, by_c in summary.items():
+        for c, figures in by_c.items():
+            assert figures["rps"] > 0 and figures["cpu_us_per_req"] > 0, (target, c, figures)
+            assert figures["non2xx"] == 0 and figures["socket_errors"] == 0, (target, c)
+            assert figures["cores"]["machine_busy"] > 0, (target, c, figures)
+    for two in ("authproxy-2w", "nginx-2w"):
+        assert all(s["rps_ratio"] > 0 for s in data["scaling"][two].values()), data["scaling"]
+    (goal,) = data["targets"]
+    assert goal["figure"].startswith("throughput at c=") and goal["value"] > 0
+    assert "## 2 processes ÷ 1 (same round)" in stdout
