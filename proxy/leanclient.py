@@ -53,6 +53,10 @@ What it does, and the choices that differ from a general-purpose client:
 * Flow control both ways: uploads wait for the transport to drain, downloads
   pause reading once more than `HIGH_WATER` bytes wait for the consumer, so
   memory stays flat for bodies of any size.
+* Upgrades (`upgrade()`, for WebSockets): a 101 is a final answer only when the
+  request asked for it; the connection then leaves the pool at once (its slot
+  freed) and is handed over raw, reading paused, with the bytes that came after
+  the 101 (`Upgraded`). The relay in `proxy.websocket` takes it from there.
 * Read timeout: `read_timeout` seconds in which the upstream sent nothing while
   we waited for it (headers or the next body chunk; time spent waiting for the
   caller's upload source or for a slow consumer does not count). One
@@ -67,6 +71,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools  # type: ignore[import-untyped, unused-ignore]  # stubs since 0.7
@@ -80,7 +85,7 @@ from proxy.connector import (
 )
 from proxy.upstream import Body, Endpoint
 
-__all__ = ["LeanUpstreamClient", "UpstreamConnectionError"]
+__all__ = ["LeanUpstreamClient", "Upgraded", "UpstreamConnectionError"]
 
 HIGH_WATER: Final = 256 * 1024  # queued body bytes before reading pauses
 LOW_WATER: Final = 64 * 1024  # ... and resumes
@@ -97,6 +102,15 @@ class UpstreamConnectionError(ConnectionError):
 
 class _StaleConnection(UpstreamConnectionError):
     """A reused connection died before any response byte: safe to retry elsewhere."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """A connection the upstream switched to another protocol (a `101`): no longer
+    the pool's, reading paused. `tail` holds the bytes that came with the `101`."""
+
+    transport: asyncio.Transport
+    tail: bytes
 
 
 class _Parser(Protocol):
@@ -166,12 +180,14 @@ class _LeanResponse:
         "headers",
         "reason",
         "status",
+        "upgraded",
     )
 
     def __init__(self, conn: _Conn) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
+        self.upgraded: Upgraded | None = None  # set on a 101 to `upgrade()`
         self._conn: _Conn | None = conn  # while the body is still arriving
         self._chunks: deque[bytes] = deque()
         self._queued = 0
@@ -246,6 +262,8 @@ class _Conn(asyncio.Protocol):
         self._keep_alive = False
         self._got_bytes = False
         self._request_done = True
+        self._upgrade = False  # this exchange may switch protocols
+        self._switching = False  # ... and the upstream said 101
         self._writer: asyncio.Task[None] | None = None
         self._awaiting_source = False
         self._write_paused = False
@@ -312,6 +330,9 @@ class _Conn(asyncio.Protocol):
         try:
             parser.feed_data(data)
         except _PARSER_ERRORS as exc:
+            if self._switching:
+                self._switch(data, exc)
+                return
             if self._complete:  # garbage after a complete response
                 self._keep_alive = False
             else:
@@ -346,7 +367,12 @@ class _Conn(asyncio.Protocol):
             return
         status = parser.get_status_code()
         if status < 200:
-            if status == 101:  # we never ask to upgrade: nothing sane can follow
+            if status == 101 and self._upgrade:  # handed over in _switch
+                resp.status = status
+                resp.reason = self._reason.decode("utf-8", "surrogateescape")
+                self._switching = True
+                return
+            if status == 101:  # we did not ask to upgrade: nothing sane can follow
                 self._keep_alive = False
                 self._complete = True
                 self._fut = None
@@ -408,9 +434,12 @@ class _Conn(asyncio.Protocol):
 
     # --- the exchange ----------------------------------------------------------------
 
-    def start(self, head: bytes, method: str, read_timeout: float) -> asyncio.Future[_LeanResponse]:
+    def start(
+        self, head: bytes, method: str, read_timeout: float, upgrade: bool = False
+    ) -> asyncio.Future[_LeanResponse]:
         """Write the request head (and a small body already joined to it); the
-        returned future gets the response once its final headers have arrived."""
+        returned future gets the response once its final headers have arrived
+        (with `upgrade`, a 101 counts as final: see `_switch`)."""
         transport = self.transport
         if transport is None or self.closed:
             raise UpstreamConnectionError("connection closed")
@@ -421,6 +450,8 @@ class _Conn(asyncio.Protocol):
         self._is_head = method == "HEAD"
         self._informational = self._complete = self._keep_alive = self._got_bytes = False
         self._request_done = True
+        self._upgrade = upgrade
+        self._switching = False
         transport.write(head)
         # The timeout is the request's: connections are shared by every Endpoint with
         # the same pool key, whose read timeouts may differ.
@@ -483,6 +514,26 @@ class _Conn(asyncio.Protocol):
         self._writer = None
         self._request_done = True
         self._last = loop.time()
+
+    def _switch(self, data: bytes, exc: Exception) -> None:
+        """The upstream said 101: the rest of the connection is the new protocol's.
+        Leave the pool (the slot is freed at once), pause reading, hand it over."""
+        fut, resp, transport = self._fut, self._resp, self.transport
+        if not isinstance(exc, httptools.HttpParserUpgrade) or fut is None or resp is None:
+            # llhttp gives no offset for a 101 without `Connection: upgrade`.
+            self._error(UpstreamConnectionError("malformed 101: no Connection: upgrade"))
+            return
+        assert transport is not None
+        offset = cast(int, exc.args[0])
+        self._fut = self._resp = self._parser = None
+        self.transport = None  # no longer ours to close
+        self._mark_closed()
+        transport.pause_reading()
+        resp._conn = None
+        resp._done = True
+        resp.upgraded = Upgraded(transport, data[offset:])
+        if not fut.done():
+            fut.set_result(resp)
 
     def _eof_delimited(self) -> bool:
         """Does the response body end where the connection does (no length, not chunked)?"""
@@ -717,6 +768,33 @@ class LeanUpstreamClient:
                 raise
             resp.connect_seconds = connect_seconds
             return resp
+
+    async def upgrade(
+        self, endpoint: Endpoint, target: str, headers: list[tuple[str, str]]
+    ) -> _LeanResponse:
+        """A GET that asks to switch protocols (`headers` carry `Upgrade` and
+        `Connection: upgrade`). On a 101 the response's `upgraded` holds the raw
+        connection, out of the pool and no longer counted against `pool_size`;
+        any other answer is an ordinary response."""
+        if self._closed:
+            raise UpstreamConnectionError("client is closed")
+        dest = self._dest(endpoint)
+        head = _encode_head("GET", target.partition("#")[0], dest, headers, "")
+        fresh = False
+        while True:
+            conn = None if fresh else self._take_idle(dest)
+            if conn is None:
+                conn = await self._acquire(dest, fresh)
+            fut = conn.start(head, "GET", endpoint.read_timeout, upgrade=True)
+            try:
+                return await fut
+            except _StaleConnection:
+                if fresh:
+                    raise
+                fresh = True  # once, on a new connection, as `send` does
+            except asyncio.CancelledError:
+                conn.abort(None)
+                raise
 
     # --- the pool ------------------------------------------------------------------------------
 
