@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.typedefs import Handler
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ __all__ = [
     "run_fakes",
     "serve",
     "stream_pattern",
+    "websocket_echo",
 ]
 
 #: Every secret any fake ever hands out (tokens, session ids, refresh tokens,
@@ -598,10 +599,42 @@ def stream_size(rest: str) -> int | None:
     return None
 
 
+async def websocket_echo(request: web.BaseRequest) -> web.StreamResponse:
+    """A WebSocket that echoes every frame, text or binary. Text commands:
+    ``close`` closes from this side; ``send <n>`` sends ``n`` pattern bytes in
+    binary frames, then the text ``sent <n>``; ``push <n> <seconds>`` sends ``n``
+    text frames ``push <i>`` that far apart (a server that only talks)."""
+    ws = web.WebSocketResponse(max_msg_size=SEED_MAX_BODY)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+        elif msg.type is not WSMsgType.TEXT:
+            break
+        elif msg.data == "close":
+            await ws.close(code=WSCloseCode.OK, message=b"asked to")
+        elif msg.data.startswith("send ") and msg.data[5:].isdigit():
+            n = int(msg.data[5:])
+            for chunk in pattern_chunks(n):
+                await ws.send_bytes(chunk)
+            await ws.send_str(f"sent {n}")
+        elif msg.data.startswith("push "):
+            count, pause = msg.data.split()[1:]
+            for i in range(int(count)):
+                await asyncio.sleep(float(pause))
+                await ws.send_str(f"push {i}")
+        else:
+            await ws.send_str(msg.data)
+    return ws
+
+
 async def resource_answer(
     request: web.BaseRequest, rec: RecordedRequest, rest: str, data: Mapping[str, Any]
 ) -> web.StreamResponse:
-    """The answer of an authenticated resource: a pattern stream or JSON + echo."""
+    """The answer of an authenticated resource: a WebSocket echo at ``ws``, a
+    pattern stream at ``stream/<n>``, or JSON + echo."""
+    if rest.strip("/") == "ws" and request.headers.get("Upgrade", "").lower() == "websocket":
+        return await websocket_echo(request)
     n = stream_size(rest)
     if n is not None and request.method in ("GET", "HEAD"):
         return await stream_pattern(request, n)
