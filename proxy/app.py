@@ -26,7 +26,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
@@ -48,6 +48,7 @@ from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
 from proxy.upstream import UpstreamClient
+from proxy.websocket import Relays, forward_websocket, wants_websocket
 
 log = structlog.get_logger("authproxy")
 
@@ -80,6 +81,10 @@ class Proxy:
     require_token: bytes | None
     metrics: Metrics
     shutting_down: bool = False
+    relays: Relays = field(init=False)  # open WebSocket relays, for the shutdown to cut
+
+    def __post_init__(self) -> None:
+        self.relays = Relays(self.metrics)
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -184,9 +189,21 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
                         f"{request.method} is never forwarded", route.name, FORWARDABLE
                     )
                 check_remainder(remainder)
-                response = await forward(
-                    proxy.client, request, route, remainder, query, request_id, progress
-                )
+                if "Upgrade" in request.headers and wants_websocket(request):
+                    response = await forward_websocket(
+                        proxy.client,
+                        request,
+                        route,
+                        remainder,
+                        query,
+                        request_id,
+                        progress,
+                        proxy.relays,
+                    )
+                else:
+                    response = await forward(
+                        proxy.client, request, route, remainder, query, request_id, progress
+                    )
         except ProxyError as exc:
             if route is None:
                 route = _route_of(proxy, raw_target)
@@ -238,6 +255,7 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
             request_id,
             error,
             aborted,
+            progress.sent_up,
         )
 
 

@@ -125,6 +125,7 @@ class Progress:
     aborted: bool = False  # the response was cut mid-body
     retried: bool = False
     upstream_seconds: float | None = None  # until the (last) upstream response's headers
+    sent_up: int | None = None  # a WebSocket relay's bytes from the client
 
 
 async def _read_replayable(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes]:

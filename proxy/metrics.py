@@ -34,6 +34,8 @@ class Metrics:
         self.in_flight = 0
         # upstream -> per-bucket counts (last: +Inf) and the sum of observations.
         self.latency: dict[str, tuple[list[int], list[float]]] = {}
+        self.relays_open: Counter[str] = Counter()  # WebSocket relays, by upstream
+        self.relay_bytes: Counter[tuple[str, str]] = Counter()  # (upstream, direction)
         # Set in a worker of `run --workers N` (proxy/workermetrics.py): a scrape
         # then answers with every worker's numbers merged, not this process's alone.
         self.merged: Callable[[], bytes] | None = None
@@ -61,6 +63,14 @@ class Metrics:
                 entry = self.latency[upstream] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
             entry[0][bisect_left(LATENCY_BUCKETS, upstream_seconds)] += 1
             entry[1][0] += upstream_seconds
+
+    def relay_opened(self, upstream: str) -> None:
+        self.relays_open[upstream] += 1
+
+    def relay_closed(self, upstream: str, bytes_down: int, bytes_up: int) -> None:
+        self.relays_open[upstream] -= 1
+        self.relay_bytes[(upstream, "down")] += bytes_down
+        self.relay_bytes[(upstream, "up")] += bytes_up
 
     def render(self) -> bytes:
         if self.merged is not None:
@@ -123,3 +133,17 @@ class _ScrapeCollector(Collector):
                 cumulative.append((bound, running))
             latency.add_metric([upstream], cumulative, total[0])
         yield latency
+        relays = GaugeMetricFamily(
+            "authproxy_websocket_relays_open", "WebSocket relays open now.", labels=["upstream"]
+        )
+        for upstream, count in sorted(m.relays_open.items()):
+            relays.add_metric([upstream], count)
+        yield relays
+        relayed = CounterMetricFamily(
+            "authproxy_websocket_relayed_bytes",
+            "Bytes relayed by ended WebSocket relays: down to the client, up from it.",
+            labels=["upstream", "direction"],
+        )
+        for (upstream, direction), count in sorted(m.relay_bytes.items()):
+            relayed.add_metric([upstream, direction], count)
+        yield relayed

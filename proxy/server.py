@@ -156,10 +156,15 @@ class ProxyRunner:
             return
         self.stopped = True
         self.proxy.shutting_down = True
+        # WebSocket relays are in flight like any request, cut at the drain deadline.
+        relays = self.proxy.relays
+        cut = asyncio.get_running_loop().call_later(self.config.shutdown_timeout, relays.cut)
         try:
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
+            cut.cancel()
+            relays.cut()
             if self._admin_runner is not None:  # probes are answered until the very end
                 await self._admin_runner.cleanup()
             await self.app.shutdown()
