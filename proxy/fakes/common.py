@@ -603,7 +603,8 @@ async def websocket_echo(request: web.BaseRequest) -> web.StreamResponse:
     """A WebSocket that echoes every frame, text or binary. Text commands:
     ``close`` closes from this side; ``send <n>`` sends ``n`` pattern bytes in
     binary frames, then the text ``sent <n>``; ``push <n> <seconds>`` sends ``n``
-    text frames ``push <i>`` that far apart (a server that only talks)."""
+    text frames ``push <i>`` that far apart (a server that only talks);
+    ``stall <seconds>`` reads nothing for that long (a server that falls behind)."""
     ws = web.WebSocketResponse(max_msg_size=SEED_MAX_BODY)
     await ws.prepare(request)
     async for msg in ws:
@@ -618,6 +619,8 @@ async def websocket_echo(request: web.BaseRequest) -> web.StreamResponse:
             for chunk in pattern_chunks(n):
                 await ws.send_bytes(chunk)
             await ws.send_str(f"sent {n}")
+        elif msg.data.startswith("stall "):
+            await asyncio.sleep(float(msg.data[6:]))
         elif msg.data.startswith("push "):
             count, pause = msg.data.split()[1:]
             for i in range(int(count)):
