@@ -41,14 +41,14 @@ import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from proxy.auth import Credential
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.forwarding import Progress, Route, _stream_back
+from proxy.errors import UpstreamUnreachable
+from proxy.forwarding import Progress, Route, _log_debug, _send, _stream_back
 from proxy.headers import add_defaults, connection_named, filter_response, strip_inbound
 from proxy.leanclient import LeanUpstreamClient, Upgraded
+from proxy.logs import ACCESS
 from proxy.metrics import Metrics
-from proxy.routing import build_upstream_target, strip_query_params
-from proxy.upstream import UpstreamClient
+from proxy.routing import strip_query_params
+from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("authproxy.websocket")
 
@@ -110,7 +110,8 @@ async def forward_websocket(
 ) -> web.StreamResponse:
     """The upgrade through `route`; on a 101, the relay until it ends."""
     if not isinstance(client, LeanUpstreamClient):
-        raise UpstreamUnreachable("WebSockets need upstream_client: lean", route.name)
+        raise UpstreamUnreachable("WebSockets need the lean upstream client", route.name)
+    upgrading = _Upgrading(client)
     incoming = request.headers
     headers = strip_inbound(
         incoming.items(), route.drop_headers, ",".join(incoming.getall("Connection", ()))
@@ -118,19 +119,36 @@ async def forward_websocket(
     add_defaults(headers, route.defaults)
     headers.append(("X-Request-ID", request_id))
     headers.extend(UPGRADE_HEADERS)
+    client_query = query
     query = strip_query_params(query, route.strip_query)
 
     cred = await route.auth.credential()
     sent_at = time.perf_counter()
-    resp = await _send(client, route, remainder, query, headers, cred)
+    resp = await _send(upgrading, "GET", route, remainder, query, headers, None, cred)
+    replay: str | None = None
     if resp.status in route.retry_statuses and route.auth.refreshable:
         resp.release()
+        replay = f"status {resp.status}"
         cred = await route.auth.rejected(cred, resp.status)
         sent_at = time.perf_counter()
-        resp = await _send(client, route, remainder, query, headers, cred)
+        resp = await _send(upgrading, "GET", route, remainder, query, headers, None, cred)
         progress.retried = True
     progress.upstream_seconds = time.perf_counter() - sent_at
-    upgraded = resp.upgraded
+    if ACCESS.debug:
+        _log_debug(
+            request,
+            route,
+            remainder,
+            query,
+            client_query,
+            headers,
+            cred,
+            resp,
+            replay,
+            request_id,
+            progress.upstream_seconds,
+        )
+    upgraded = upgrading.upgraded
     if upgraded is None:  # refused, or not a WebSocket server: an ordinary answer
         return await _stream_back(request, resp, route, request_id, progress)
 
@@ -167,27 +185,31 @@ async def forward_websocket(
     return out
 
 
-async def _send(
-    client: LeanUpstreamClient,
-    route: Route,
-    remainder: str,
-    query: str,
-    headers: list[tuple[str, str]],
-    cred: Credential,
-) -> Any:
-    if cred.query:
-        query = f"{query}&{cred.query}" if query else cred.query
-    target = build_upstream_target(route.target.base_path, remainder, query)
-    if cred.headers:
-        headers = headers + list(cred.headers)
-    try:
-        return await client.upgrade(route.endpoint, target, headers)
-    except TimeoutError:
-        raise UpstreamTimeout(f"upstream {route.name} did not answer in time", route.name) from None
-    except OSError as exc:  # ConnectionError and friends
-        raise UpstreamUnreachable(
-            f"upstream {route.name} unreachable ({type(exc).__name__})", route.name
-        ) from None
+class _Upgrading:
+    """The client `forwarding._send` sends the handshake through — the same target,
+    credential and error mapping as any request — asking the lean client to upgrade;
+    it keeps the connection a 101 hands over."""
+
+    __slots__ = ("_client", "upgraded")
+
+    def __init__(self, client: LeanUpstreamClient) -> None:
+        self._client = client
+        self.upgraded: Upgraded | None = None
+
+    async def send(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+    ) -> UpstreamResponse:
+        resp = await self._client.upgrade(endpoint, target, headers)
+        self.upgraded = resp.upgraded
+        return resp
+
+    async def close(self) -> None:
+        """Nothing of its own: the lean client is the app's."""
 
 
 def _last(headers: list[tuple[str, str]], lower_name: str) -> str:

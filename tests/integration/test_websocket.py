@@ -22,7 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from proxy.fakes import DidomiState, SeedFake, serve, start_didomi
+from proxy.demo import demo_config
+from proxy.fakes import DidomiState, SeedFake, run_fakes, serve, start_didomi
 from tests.conftest import Echo, RunningProxy, StartProxy
 from tests.support import access_lines, bearer_of, log_lines, wait_until
 
@@ -68,9 +69,12 @@ async def wait_for(check: Callable[[], object], what: str) -> None:
     await wait_until(check, 5.0, what=what)
 
 
-async def relay_line(capsys: pytest.CaptureFixture[str], path: str) -> dict[str, Any]:
-    """The access line of the one relay on `path`, once it has been written (at its end)."""
-    out: list[str] = []
+async def relay_line(
+    capsys: pytest.CaptureFixture[str], path: str, out: list[str] | None = None
+) -> dict[str, Any]:
+    """The access line of the one relay on `path`, once it has been written (at its
+    end); `out` collects what was captured meanwhile."""
+    out = [] if out is None else out
 
     def lines() -> list[dict[str, Any]]:
         out.append(capsys.readouterr().out)
@@ -187,8 +191,13 @@ async def test_frames_pass_with_the_credential_injected_and_the_clients_stripped
     assert rec.header_values("Connection") == ["upgrade"]
     assert rec.header_values("X-Hop") == []
     assert rec.header("Sec-WebSocket-Key")
-    line = await relay_line(capsys, "/didomi/ws")
+    out: list[str] = []
+    line = await relay_line(capsys, "/didomi/ws", out)
     assert len(didomi.proxy.state.relays) == 0
+    (debug,) = [r for r in log_lines("".join(out)) if r["event"] == "request_debug"]
+    assert debug["request_id"] == line["request_id"]
+    assert (debug["route"], debug["status"], debug["auth"]) == ("didomi", 101, "didomi")
+    assert {"Authorization", "Cookie", "X-Hop"} <= set(debug["stripped"])
     assert line["status"] == 101
     assert line["upstream"] == "didomi"
     assert line["retried"] is False
@@ -245,7 +254,8 @@ async def test_a_refused_upgrade_reaches_the_client_as_an_ordinary_answer(
 async def test_the_client_closing_closes_the_upstream(
     watched: WatchedUpstream, start_proxy: StartProxy
 ) -> None:
-    proxy = await start_proxy({"upstreams": {"w": {"url": watched.url}}})
+    # A read-only route relays WebSockets too (the upgrade is a GET).
+    proxy = await start_proxy({"upstreams": {"w": {"url": watched.url, "allow_methods": ["GET"]}}})
     reader, writer, head = await raw_handshake(proxy.url, "/w/ws")
     assert head.startswith(b"HTTP/1.1 101 ")
     writer.write(masked_text_frame("ping?"))
@@ -369,3 +379,31 @@ async def test_a_websocket_upgrade_on_a_post_is_forwarded_plain(
         assert resp.status == 200
     (rec,) = echo.state.requests
     assert rec.header("Upgrade") is None and rec.header("Connection") is None
+
+
+async def test_every_seed_api_relays_with_its_own_credential(start_proxy: StartProxy) -> None:
+    """Session header, `?token=`, JWT and OAuth2 bearer: each is injected into the
+    upgrade, and none of the client's own credentials gets through."""
+    junk = "client-junk-credential"
+    async with run_fakes() as fakes:
+        proxy = await start_proxy(demo_config(fakes))
+        async with aiohttp.ClientSession() as client:
+            for fake in fakes.all():
+                headers = {"Authorization": f"Bearer {junk}", "Cookie": f"sid={junk}"}
+                query = "keep=1"
+                if fake.name == "paymo":
+                    headers["X-Session"] = junk
+                if fake.name == "primaerp":
+                    query = f"token={junk}&keep=1"
+                async with client.ws_connect(
+                    f"{proxy.url}/{fake.name}/ws?{query}", headers=headers
+                ) as ws:
+                    await ws.send_str(f"hello {fake.name}")
+                    assert (await ws.receive(timeout=5)).data == f"hello {fake.name}"
+                (rec,) = [r for r in fake.state.requests if "/ws" in r.raw_path]
+                assert junk not in rec.raw_path and "keep=1" in rec.raw_path
+                assert all(junk not in value for _, value in rec.headers), rec.headers
+                assert rec.header_values("Upgrade") == ["websocket"]
+                (token,) = fake.state.tokens
+                assert token in rec.raw_path or any(token in v for _, v in rec.headers)
+        await proxy.stop()  # logouts while the fakes still answer
