@@ -60,7 +60,7 @@ STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's back-off
 TICK = 0.5  # the longest the supervisor sleeps without looking at its workers
 BACKLOG = 1024
 # Beyond a worker's own bound on its stop (delay + drain + logouts), before it is killed.
-STOP_MARGIN = 10.0
+STOP_MARGIN = 5.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -244,6 +244,10 @@ class Supervisor:
     def _child(self, listeners: Listeners, parent: int) -> None:
         code = 1
         try:
+            # A process group of its own: a terminal's Ctrl-C (sent to the whole
+            # foreground group) reaches the supervisor only, which passes it on
+            # once; twice would be "a second signal: exit at once".
+            os.setpgid(0, 0)
             _die_with_parent(parent)
             WRITER.max_write = select.PIPE_BUF  # whole lines, never mixed with a sibling's
             # SIGHUP is a reload (SPEC §9), never a reason to die: ignored until the

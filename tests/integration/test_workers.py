@@ -75,6 +75,7 @@ def start(tmp_path: Path, config: dict[str, Any], *args: str, **env: str) -> Run
             env={**environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as at a terminal
         )
     return Running(proc, log)
 
@@ -372,3 +373,36 @@ async def test_request_debug_fingerprints_mean_the_same_in_every_worker(spawn, e
     fingerprints = {e["credential"] for e in r.events("request_debug") if e["route"] == "echo"}
     assert len(fingerprints) == 1, fingerprints  # one credential, one fingerprint
     assert "static-key-for-tests" not in r.log.read_text()
+
+
+async def test_ctrl_c_at_a_terminal_drains_once_instead_of_killing_the_workers(
+    spawn, echo, session
+) -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group: the workers
+    must not take it as the second signal (exit at once) once the supervisor passes it on."""
+    r = await ready(spawn(config_for(echo.url), "--workers", "2"), 2)
+    slow = [asyncio.ensure_future(session.get(f"{r.url}/echo/slow?seconds=1.5")) for _ in range(6)]
+    await until(lambda: echo.state.in_flight >= 6, "the slow requests upstream", 10)
+    os.killpg(r.proc.pid, signal.SIGINT)  # what the terminal does
+    responses = await asyncio.gather(*slow)
+    assert [resp.status for resp in responses] == [200] * 6  # drained, not cut
+    for resp in responses:
+        resp.release()
+    assert await asyncio.to_thread(r.proc.wait, 20) == 0, r.log.read_text()[-3000:]
+    assert not r.events("proxy_killed")
+
+
+async def test_a_worker_that_never_drains_is_killed_at_the_bound(spawn, echo) -> None:
+    """No wait is unbounded: shutdown_delay + shutdown_timeout + 5 s for the worker's own
+    stop, a margin, then SIGKILL, and the supervisor exits 1 (not a clean stop)."""
+    config = config_for(echo.url, shutdown_timeout=0)
+    r = await ready(spawn(config, "--workers", "2"), 2)
+    hung = min(r.workers())
+    os.kill(hung, signal.SIGSTOP)  # alive, but deaf
+    started = time.monotonic()
+    r.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(r.proc.wait, 30) == 1
+    took = time.monotonic() - started
+    assert 9 <= took < 20, took  # 0 + 0 + 5 + the 5 s margin
+    (killed,) = r.events("worker_killed")
+    assert killed["pid"] == hung and not alive(hung)
