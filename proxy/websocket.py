@@ -173,6 +173,13 @@ async def forward_websocket(
         await out.prepare(request)
         progress.status = 101
         relay.start(request, upgraded)
+    except ConnectionError:
+        # A side left before the relay began (the client while the upstream
+        # answered, say): nothing to relay; `force_close` ends the client's side.
+        upgraded.transport.abort()
+        if not progress.status:  # our 101 never went out: nginx's 499, as app logs it
+            progress.status = 499
+        return out
     except BaseException:
         upgraded.transport.abort()
         raise

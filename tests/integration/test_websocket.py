@@ -125,6 +125,8 @@ class WatchedUpstream:
     opened: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     hang_up: bool = False  # close the TCP connection right after the handshake
+    delay: float = 0.0  # seconds before answering the upgrade
+    asked: asyncio.Event = field(default_factory=asyncio.Event)  # an upgrade arrived
 
 
 @pytest.fixture
@@ -132,6 +134,8 @@ async def watched() -> AsyncIterator[WatchedUpstream]:
     upstream = WatchedUpstream()
 
     async def ws_handler(request: web.Request) -> web.StreamResponse:
+        upstream.asked.set()
+        await asyncio.sleep(upstream.delay)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         upstream.opened += 1
@@ -263,6 +267,29 @@ async def test_the_client_closing_closes_the_upstream(
     writer.transport.abort()  # no close frame, no FIN handshake: just gone
     await asyncio.wait_for(watched.ended.wait(), 5)
     await wait_for(lambda: len(proxy.state.relays) == 0, "the relay to end")
+
+
+async def test_a_client_gone_before_the_101_leaves_nothing_open(
+    watched: WatchedUpstream, start_proxy: StartProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    watched.delay = 0.3
+    proxy = await start_proxy({"upstreams": {"w": {"url": watched.url}}})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /w/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await asyncio.wait_for(watched.asked.wait(), 5)
+    writer.transport.abort()  # gone while the upstream takes its time
+    await asyncio.wait_for(watched.ended.wait(), 5)  # the proxy hung up on the upstream
+    assert len(proxy.state.relays) == 0
+    out: list[str] = []
+    line = await relay_line(capsys, "/w/ws", out)
+    assert "bytes_up" not in line and "error" not in line, line
+    assert (line["status"], line["bytes"]) == (499, 0)
+    assert not [r for r in log_lines("".join(out)) if r["event"] == "request_failed"]
 
 
 async def test_the_upstream_closing_closes_the_client(
