@@ -342,7 +342,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 log.warning("tls_verification_disabled", upstream=name)
         hosts = (
             None
-            if "*" in config.allowed_hosts
+            # On a Unix socket any Host is fine: no web page can reach it (SPEC §10).
+            if "*" in config.allowed_hosts or config.listen.path is not None
             else frozenset(h.lower() for h in config.allowed_hosts)
         )
         token = config.listen.require_token

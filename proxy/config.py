@@ -504,6 +504,9 @@ def _check_listen_host(value: str) -> str:
 class Listen(Strict):
     host: Annotated[str, AfterValidator(_check_listen_host)] = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # A Unix socket instead of host:port (kubectl proxy --unix-socket), and its mode.
+    path: str | None = None
+    mode: int = 0o600
     require_token: SecretStr | None = None
     # A connection must complete a request within this long of opening (slowloris)
     # and may idle this long between requests: nginx's 60 s header / 75 s keep-alive.
@@ -514,6 +517,29 @@ class Listen(Strict):
     def _empty_is_off(cls, value: Any) -> Any:
         # `${PROXY_TOKEN:-}` left unset means "no inbound token", not "the empty token".
         return None if value == "" else value
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _empty_path_is_off(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # YAML reads 0600 as octal already; "0600", "600" and "0o600" are octal too.
+        if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value.strip()):
+            return int(value.strip().removeprefix("0o"), 8)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 0o777:
+            raise ValueError('a file mode such as 0600 (quote it: "0600")')
+        return value
+
+    @model_validator(mode="after")
+    def _path_or_port(self) -> Self:
+        if self.path is not None and {"host", "port"} & self.model_fields_set:
+            raise ValueError("give path (a Unix socket) or host and port, not both")
+        if not 0 <= self.mode <= 0o777:
+            raise ValueError("mode must be a file mode such as 0600")
+        return self
 
 
 class Admin(Strict):
@@ -710,6 +736,13 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _tcp_replaces_path(raw: dict[str, Any], dotted: str) -> None:
+    """`--host`/`--port` (or their variables) replace `listen.path` with TCP (SPEC §10)."""
+    listen = raw.get("listen")
+    if dotted in ("listen.host", "listen.port") and isinstance(listen, dict):
+        listen.pop("path", None)
+
+
 def _check_upstream_names(raw: dict[str, Any], problems: list[Problem]) -> None:
     """Names and prefixes, checked on the raw document so they are reported even
     when an upstream has other problems too."""
@@ -797,10 +830,12 @@ def parse_config(
         if env.get(variable):
             _set_dotted(raw, dotted, env[variable])
             sources[dotted] = f"{variable} ({dotted})"
+            _tcp_replaces_path(raw, dotted)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
             sources[dotted] = f"the command line ({dotted})"
+            _tcp_replaces_path(raw, dotted)
     _check_upstream_names(raw, problems)
     try:
         config = Config.model_validate(raw)

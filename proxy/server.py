@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.app import PROXY, Proxy, create_app, make_admin_server, make_server
 from proxy.config import Config
+from proxy.listener import UnixSocketFile, bind_unix
 from proxy.logs import WRITER
 from proxy.tokens import TokenStore
 
@@ -101,6 +102,7 @@ class ProxyRunner:
             self.app.cleanup_ctx.append(_around_proxy(context))
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.ServerRunner | None = None
+        self._unix: UnixSocketFile | None = None  # listen.path we bound: removed at exit
         self.port = 0
         self.admin_port: int | None = None
         self.stopped = False
@@ -127,6 +129,9 @@ class ProxyRunner:
         await self._runner.setup()
         site: web.BaseSite
         if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        elif host is None and port is None and (path := self.config.listen.path) is not None:
+            sock, self._unix = bind_unix(path, self.config.listen.mode)
             site = web.SockSite(self._runner, sock)
         else:
             host = self.config.listen.host if host is None else host
@@ -165,6 +170,8 @@ class ProxyRunner:
         finally:
             cut.cancel()
             relays.cut()
+            if self._unix is not None:
+                self._unix.remove()
             if self._admin_runner is not None:  # probes are answered until the very end
                 await self._admin_runner.cleanup()
             await self.app.shutdown()
@@ -203,7 +210,11 @@ async def serve(
         port = await runner.start(sock=sock, admin_sock=admin_sock)
         log.info(
             "proxy_started",
-            listen=listen_url(config.listen.host, port),
+            listen=(
+                f"unix:{config.listen.path}"
+                if config.listen.path is not None
+                else listen_url(config.listen.host, port)
+            ),
             admin=(
                 None
                 if config.admin is None or runner.admin_port is None

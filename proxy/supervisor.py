@@ -31,7 +31,6 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 import structlog
 
 from proxy.config import Config, TokenAuthBase
+from proxy.listener import bind_unix
 from proxy.logs import WRITER
 from proxy.server import (  # imported before the fork: workers share what it draws
     listen_url,
@@ -102,17 +102,11 @@ def bind_tcp(host: str, port: int) -> tuple[socket.socket, str]:
 def bind_listener(config: Config) -> tuple[socket.socket, str, Path | None]:
     """The socket every worker accepts on, what to call it in the log, and the
     Unix socket's path (removed at exit) when it is one."""
-    path = getattr(config.listen, "path", None)
+    path = config.listen.path
     if path is not None:
-        unix = Path(path)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(unix.lstat().st_mode):
-                unix.unlink()  # a stale socket from a process that died
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(unix))
-        os.chmod(unix, int(getattr(config.listen, "mode", 0o600)))
-        sock.listen(BACKLOG)
-        return sock, f"unix:{unix}", unix
+        # A stale socket is replaced, a live one is an error (proxy/listener.py).
+        sock, unix = bind_unix(path, config.listen.mode, BACKLOG)
+        return sock, f"unix:{path}", unix.path
     sock, shown = bind_tcp(config.listen.host, config.listen.port)
     return sock, shown, None
 
