@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from aiohttp import WSMsgType, web
 from proxy.demo import demo_config
 from proxy.fakes import DidomiState, SeedFake, run_fakes, serve, start_didomi
 from tests.conftest import Echo, RunningProxy, StartProxy
-from tests.support import access_lines, bearer_of, log_lines, wait_until
+from tests.support import access_lines, bearer_of, error_of, log_lines, wait_until
 
 DIDOMI_AUTH = {"type": "didomi", "key": "${KEY}", "secret": "${SECRET}"}
 
@@ -370,22 +370,28 @@ async def test_upgraded_connections_are_outside_pool_size_and_counted_in_metrics
         assert up and float(up.group(1)) > 0
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {
+            "Upgrade": "h2c",
+            "Connection": "Upgrade, HTTP2-Settings",
+            "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+        },
+        {"Upgrade": "websocket"},  # without Connection: upgrade it asks for nothing
+    ],
+    ids=["h2c", "websocket-without-connection-upgrade"],
+)
 async def test_an_h2c_upgrade_is_forwarded_as_a_plain_request(
-    echo: Echo, start_proxy: StartProxy
+    echo: Echo, start_proxy: StartProxy, headers: dict[str, str]
 ) -> None:
     proxy = await start_proxy({"upstreams": {"e": {"url": echo.url}}})
     async with aiohttp.ClientSession() as client:
         for _ in range(2):  # and the connection stays a plain HTTP one
-            async with client.get(
-                proxy.url + "/e/echo",
-                headers={
-                    "Upgrade": "h2c",
-                    "Connection": "Upgrade, HTTP2-Settings",
-                    "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
-                },
-            ) as resp:
+            async with client.get(proxy.url + "/e/echo", headers=headers) as resp:
                 assert resp.status == 200
                 await resp.read()
+    assert len(echo.state.requests) == 2
     for rec in echo.state.requests:
         names = {k.lower() for k, _ in rec.headers}
         assert not names & {"upgrade", "connection", "http2-settings"}, rec.headers
@@ -434,3 +440,116 @@ async def test_every_seed_api_relays_with_its_own_credential(start_proxy: StartP
                 (token,) = fake.state.tokens
                 assert token in rec.raw_path or any(token in v for _, v in rec.headers)
         await proxy.stop()  # logouts while the fakes still answer
+
+
+# -- hostile or unusual upstreams (raw sockets) ------------------------------------------
+
+
+@dataclass
+class RawWsUpstream:
+    """Answers every upgrade with `answer`, then reads `expect` bytes into `received`."""
+
+    answer: bytes
+    expect: int = 0
+    url: str = ""
+    heads: list[bytes] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)
+
+
+@pytest.fixture
+async def raw_ws() -> AsyncIterator[Callable[[bytes, int], Awaitable[RawWsUpstream]]]:
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(answer: bytes, expect: int = 0) -> RawWsUpstream:
+        upstream = RawWsUpstream(answer, expect)
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            try:
+                upstream.heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(upstream.answer)
+                if upstream.expect:
+                    upstream.received.append(await reader.readexactly(upstream.expect))
+                await reader.read()  # until the proxy hangs up
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        servers.append(server)
+        upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return upstream
+
+    yield start
+    for writer in writers:
+        writer.transport.abort()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        SWITCHING + b"Upgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        SWITCHING + b"Upgrade: websocket\r\n\r\n",
+    ],
+    ids=["switched-to-another-protocol", "no-connection-upgrade"],
+)
+async def test_a_101_that_is_not_a_websocket_one_is_a_502(
+    raw_ws: Callable[[bytes, int], Awaitable[RawWsUpstream]],
+    start_proxy: StartProxy,
+    echo: Echo,
+    answer: bytes,
+) -> None:
+    bad = await raw_ws(answer, 0)
+    proxy = await start_proxy({"upstreams": {"bad": {"url": bad.url}, "e": {"url": echo.url}}})
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(proxy.url + "/bad/ws")
+        assert refused.value.status == 502
+        async with client.get(
+            proxy.url + "/bad/ws",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        ) as resp:
+            error = await error_of(resp)
+        assert resp.status == 502 and error["code"] == "upstream_unreachable"
+        async with client.get(proxy.url + "/e/echo") as resp:  # everyone else is served
+            assert resp.status == 200
+    assert len(proxy.state.relays) == 0
+
+
+async def test_bytes_that_ride_with_the_handshakes_are_relayed(
+    raw_ws: Callable[[bytes, int], Awaitable[RawWsUpstream]], start_proxy: StartProxy
+) -> None:
+    """The upstream's first frame in the 101's packet, the client's in its request's."""
+    frame = masked_text_frame("ping?")
+    upstream = await raw_ws(
+        SWITCHING + b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello", len(frame)
+    )
+    proxy = await start_proxy({"upstreams": {"r": {"url": upstream.url}}})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET /r/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" + frame  # one write: one packet
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await asyncio.wait_for(reader.readexactly(7), 5) == b"\x81\x05hello"
+        await wait_for(lambda: upstream.received, "the client's early frame upstream")
+        assert upstream.received == [frame]
+    finally:
+        writer.close()
