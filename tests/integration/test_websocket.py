@@ -352,10 +352,9 @@ async def test_upgraded_connections_are_outside_pool_size_and_counted_in_metrics
                 for ws in (one, two):
                     await ws.send_str("open")
                     assert (await ws.receive(timeout=5)).data == "open"
-                started = time.monotonic()
+                # A wait for a pool slot would end in a 504 after timeout.connect.
                 async with client.get(setup.proxy.url + "/didomi/properties") as resp:
                     assert resp.status == 200
-                assert time.monotonic() - started < 0.9  # not a wait for a pool slot
                 async with client.get(setup.proxy.url + "/-/metrics") as resp:
                     metrics = await resp.text()
                 assert 'authproxy_websocket_relays_open{upstream="didomi"} 2.0' in metrics
