@@ -146,7 +146,13 @@ class _Dest:
         "tunnel",
     )
 
-    def __init__(self, endpoint: Endpoint, idle: list[_Conn], ssl_ctx: ssl.SSLContext | None):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        idle: list[_Conn],
+        ssl_ctx: ssl.SSLContext | None,
+        tunnel: bool = False,
+    ):
         self.host = endpoint.host
         self.port = endpoint.port
         self.ssl = ssl_ctx
@@ -156,9 +162,11 @@ class _Dest:
         self.idle = idle  # shared by every Endpoint with the same pool key
         self.connect_timeout = endpoint.connect_timeout
         self.egress = egress = endpoint.egress
-        self.tunnel = egress is not None and ssl_ctx is not None  # CONNECT, then TLS
+        # CONNECT (then TLS for HTTPS): always for HTTPS, for plain HTTP when asked
+        # (a WebSocket upgrade: forward proxies relay upgrades only inside a tunnel).
+        self.tunnel = egress is not None and (ssl_ctx is not None or tunnel)
         self.absolute = ""  # prefix of an absolute-form target (plain HTTP via a proxy)
-        if egress is not None and ssl_ctx is None:
+        if egress is not None and not self.tunnel:
             self.absolute = endpoint.base
             if egress.authorization:
                 self.host_line += f"Proxy-Authorization: {egress.authorization}\r\n"
@@ -658,6 +666,7 @@ class LeanUpstreamClient:
         self._conns: set[_Conn] = set()
         self._pools: dict[tuple[str, str, int, object, object], list[_Conn]] = {}
         self._dests: dict[int, tuple[Endpoint, _Dest]] = {}
+        self._tunnel_dests: dict[int, tuple[Endpoint, _Dest]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -676,6 +685,16 @@ class LeanUpstreamClient:
         # Keyed by identity (the entry keeps the Endpoint alive, so its id stays its
         # own): hashing a frozen dataclass on every request costs more than the rest.
         self._dests[id(endpoint)] = (endpoint, dest)
+        return dest
+
+    def _tunnel_dest(self, endpoint: Endpoint) -> _Dest:
+        """A plain-HTTP endpoint reached through a CONNECT tunnel (for upgrades)."""
+        entry = self._tunnel_dests.get(id(endpoint))
+        if entry is not None and entry[0] is endpoint:
+            return entry[1]
+        key = (endpoint.scheme, endpoint.host, endpoint.port, "tunnel", endpoint.egress)
+        dest = _Dest(endpoint, self._pools.setdefault(key, []), None, tunnel=True)
+        self._tunnel_dests[id(endpoint)] = (endpoint, dest)
         return dest
 
     def _ssl_context(self, endpoint: Endpoint) -> ssl.SSLContext | None:
@@ -779,6 +798,8 @@ class LeanUpstreamClient:
         if self._closed:
             raise UpstreamConnectionError("client is closed")
         dest = self._dest(endpoint)
+        if dest.absolute:  # plain HTTP via an egress proxy: upgrade inside a CONNECT tunnel
+            dest = self._tunnel_dest(endpoint)
         head = _encode_head("GET", target.partition("#")[0], dest, headers, "")
         fresh = False
         while True:
@@ -947,8 +968,12 @@ class LeanUpstreamClient:
 
 async def _connect_tunnel(loop: asyncio.AbstractEventLoop, conn: _Conn, dest: _Dest) -> None:
     """CONNECT through the egress proxy, then TLS to the upstream inside the tunnel."""
-    assert dest.egress is not None and dest.ssl is not None
+    assert dest.egress is not None
     raw = await open_tunnel(loop, dest.egress, dest.host, dest.port)
+    if dest.ssl is None:  # plain HTTP in the tunnel
+        raw.set_protocol(conn)
+        conn.connection_made(raw)
+        return
     try:
         tls = await loop.start_tls(raw, conn, dest.ssl, server_hostname=dest.sni)
     except BaseException:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.fakes.common import websocket_echo
 from tests.support.net import free_port
 
 TINYPROXY = "/usr/bin/tinyproxy"
@@ -238,7 +239,8 @@ class Recorder:
 async def recording_upstream(
     ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1", name: str = "127.0.0.1"
 ) -> AsyncIterator[Recorder]:
-    """Answers every path with 200 and what it saw; POST /token issues a token."""
+    """Answers every path with 200 and what it saw; POST /token issues a token;
+    /ws is a WebSocket echo."""
     recorder = Recorder("")
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -250,6 +252,8 @@ async def recording_upstream(
         recorder.seen.append(
             Seen(peer, request.method, request.raw_path, _raw_headers(request), cert)
         )
+        if request.path.endswith("/ws"):
+            return await websocket_echo(request)
         if request.path.endswith("/token"):
             recorder.token_requests += 1
             return web.json_response({"access_token": "egress-issued-token", "expires_in": 3600})

@@ -280,6 +280,34 @@ async def test_the_token_session_goes_through_the_proxy_too(
     assert PROXY_PASSWORD not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_websockets_go_through_a_connect_tunnel(
+    scheme: str,
+    tmp_path: Path,
+    pki: Pki,
+    tls_upstream: Recorder,
+    http_upstream: Recorder,
+    start_proxy: StartProxy,
+    client: aiohttp.ClientSession,
+) -> None:
+    """Forward proxies relay upgrades only inside CONNECT (as browsers use them), so a
+    plain ws:// upstream is tunnelled too, not sent as an absolute-form upgrade."""
+    upstream = tls_upstream if scheme == "https" else http_upstream
+    route = _route(upstream.url, tls={"ca_file": str(pki.ca_file)})
+    async with tinyproxy(
+        tmp_path / "tp", connect_ports=(upstream.port,), basic_auth=(PROXY_USER, PROXY_PASSWORD)
+    ) as tp:
+        with_creds = f"http://{PROXY_USER}:{PROXY_PASSWORD}@{tp.url[7:]}"
+        proxy = await start_proxy(route, env={f"{scheme}_proxy": with_creds})
+        async with client.ws_connect(f"{proxy.url}/api/ws") as ws:
+            await ws.send_str("through the tunnel")
+            assert (await ws.receive(timeout=5)).data == "through the tunnel"
+        assert f"CONNECT {upstream.url.split('//')[1]}" in tp.log()
+    (seen,) = upstream.seen
+    assert seen.peer == PROXY_EGRESS_ADDRESS and seen.path == "/ws"
+    assert seen.header("Proxy-Authorization") is None
+
+
 # -- client certificates --------------------------------------------------------------
 
 
