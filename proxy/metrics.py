@@ -36,6 +36,8 @@ class Metrics:
         self.latency: dict[str, tuple[list[int], list[float]]] = {}
         self.relays_open: Counter[str] = Counter()  # WebSocket relays, by upstream
         self.relay_bytes: Counter[tuple[str, str]] = Counter()  # (upstream, direction)
+        # The open relays' (upstream, bytes down, bytes up), read when scraped.
+        self.live_relays: Callable[[], Iterable[tuple[str, int, int]]] = tuple
         # Set in a worker of `run --workers N` (proxy/workermetrics.py): a scrape
         # then answers with every worker's numbers merged, not this process's alone.
         self.merged: Callable[[], bytes] | None = None
@@ -141,9 +143,13 @@ class _ScrapeCollector(Collector):
         yield relays
         relayed = CounterMetricFamily(
             "authproxy_websocket_relayed_bytes",
-            "Bytes relayed by ended WebSocket relays: down to the client, up from it.",
+            "Bytes WebSocket relays carried: down to the client, up from it.",
             labels=["upstream", "direction"],
         )
-        for (upstream, direction), count in sorted(m.relay_bytes.items()):
+        carried = Counter(m.relay_bytes)
+        for upstream, down, up in m.live_relays():
+            carried[(upstream, "down")] += down
+            carried[(upstream, "up")] += up
+        for (upstream, direction), count in sorted(carried.items()):
             relayed.add_metric([upstream, direction], count)
         yield relayed

@@ -75,6 +75,7 @@ class Relays:
     def __init__(self, metrics: Metrics) -> None:
         self._open: set[Relay] = set()
         self._metrics = metrics
+        metrics.live_relays = self._carried
         self.closed = False  # after `cut`: a relay that starts is cut at once
 
     def __len__(self) -> int:
@@ -90,6 +91,9 @@ class Relays:
         if relay in self._open:
             self._open.discard(relay)
             self._metrics.relay_closed(relay.upstream, relay.bytes_down, relay.bytes_up)
+
+    def _carried(self) -> list[tuple[str, int, int]]:
+        return [(r.upstream, r.bytes_down, r.bytes_up) for r in self._open]
 
     def cut(self) -> None:
         """The drain deadline: end every relay now."""

@@ -358,15 +358,20 @@ async def test_upgraded_connections_are_outside_pool_size_and_counted_in_metrics
                 async with client.get(setup.proxy.url + "/-/metrics") as resp:
                     metrics = await resp.text()
                 assert 'authproxy_websocket_relays_open{upstream="didomi"} 2.0' in metrics
+                assert relayed(metrics, "up") > 0  # counted while the relays are open
+                assert relayed(metrics, "down") >= 2 * len(b"\x81\x04open")
             await wait_for(lambda: len(setup.proxy.state.relays) == 0, "the relays to end")
             async with client.get(setup.proxy.url + "/-/metrics") as resp:
                 metrics = await resp.text()
         assert 'authproxy_websocket_relays_open{upstream="didomi"} 0.0' in metrics
-        up = re.search(
-            r'authproxy_websocket_relayed_bytes_total\{direction="up",upstream="didomi"\} (\S+)',
-            metrics,
-        )
-        assert up and float(up.group(1)) > 0
+        assert relayed(metrics, "up") > 0
+
+
+def relayed(metrics: str, direction: str) -> float:
+    sample = f'authproxy_websocket_relayed_bytes_total{{direction="{direction}",upstream="didomi"}}'
+    found = re.search(re.escape(sample) + r" (\S+)", metrics)
+    assert found, metrics
+    return float(found.group(1))
 
 
 @pytest.mark.parametrize(
