@@ -41,7 +41,7 @@ from pathlib import Path
 import structlog
 
 from proxy.config import Config, TokenAuthBase
-from proxy.listener import bind_unix
+from proxy.listener import UnixSocketFile, bind_unix
 from proxy.logs import WRITER
 from proxy.server import (  # imported before the fork: workers share what it draws
     listen_url,
@@ -99,14 +99,14 @@ def bind_tcp(host: str, port: int) -> tuple[socket.socket, str]:
     return sock, listen_url(bound[0], bound[1])
 
 
-def bind_listener(config: Config) -> tuple[socket.socket, str, Path | None]:
+def bind_listener(config: Config) -> tuple[socket.socket, str, UnixSocketFile | None]:
     """The socket every worker accepts on, what to call it in the log, and the
     Unix socket's path (removed at exit) when it is one."""
     path = config.listen.path
     if path is not None:
         # A stale socket is replaced, a live one is an error (proxy/listener.py).
         sock, unix = bind_unix(path, config.listen.mode, BACKLOG)
-        return sock, f"unix:{path}", unix.path
+        return sock, f"unix:{path}", unix
     sock, shown = bind_tcp(config.listen.host, config.listen.port)
     return sock, shown, None
 
@@ -146,7 +146,7 @@ class Supervisor:
 
     def run(self) -> int:
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
-        sock, shown, unix_path = bind_listener(self.config)
+        sock, shown, unix_file = bind_listener(self.config)
         admin, admin_shown = None, None
         try:
             if self.config.admin is not None:
@@ -181,9 +181,8 @@ class Supervisor:
             sock.close()
             if admin is not None:
                 admin.close()
-            if unix_path is not None:
-                with contextlib.suppress(OSError):
-                    unix_path.unlink()
+            if unix_file is not None:
+                unix_file.remove()  # only if it is still ours
             shutil.rmtree(self._listeners.metrics_dir, ignore_errors=True)
             log.info("supervisor_stopped")
             WRITER.flush()

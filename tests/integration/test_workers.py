@@ -65,13 +65,22 @@ async def until(check: Callable[[], Any], what: str, deadline_s: float = START_S
 
 
 def start(tmp_path: Path, config: dict[str, Any], *args: str, **env: str) -> Running:
+    """`authproxy run --workers ...` on a free port (`--port 0`), or on the config's
+    `listen.path` when it has one (a port on the command line would replace it)."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "proxy.log"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(AUTHPROXY), "run", "-c", str(path), "--port", "0", "--log-format", "json", *args],
+            [
+                str(AUTHPROXY),
+                "run",
+                "-c",
+                str(path),
+                *([] if "path" in config.get("listen", {}) else ["--port", "0"]),
+                *("--log-format", "json", *args),
+            ],
             env={**environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -406,3 +415,47 @@ async def test_a_worker_that_never_drains_is_killed_at_the_bound(spawn, echo) ->
     assert 9 <= took < 20, took  # 0 + 0 + 5 + the 5 s margin
     (killed,) = r.events("worker_killed")
     assert killed["pid"] == hung and not alive(hung)
+
+
+async def test_two_workers_serve_one_unix_socket_and_count_together(
+    spawn, echo, tmp_path: Path
+) -> None:
+    sock_path = tmp_path / "authproxy.sock"
+    r = await ready(
+        spawn(config_for(echo.url, listen={"path": str(sock_path)}), "--workers", "2"), 2
+    )
+    assert r.url == f"unix:{sock_path}"
+    workers = r.workers()
+
+    def unix_session() -> aiohttp.ClientSession:
+        connector = aiohttp.UnixConnector(path=str(sock_path), force_close=True)
+        return aiohttp.ClientSession(connector=connector)
+
+    async def one(k: int) -> int:
+        async with unix_session() as s:
+            async with s.get(f"http://proxy/echo/{k}") as resp:
+                assert resp.status == 200
+            async with s.get("http://proxy/-/status") as resp:
+                return int((await resp.json())["pid"])
+
+    async def scrape() -> float:
+        async with unix_session() as s, s.get("http://proxy/-/metrics") as resp:
+            return requests_counted(await resp.text(), "echo")
+
+    seen: set[int] = set()
+    sent = 0
+    deadline = time.monotonic() + START_S
+    while seen != workers and time.monotonic() < deadline:
+        seen |= set(await asyncio.gather(*(one(sent + k) for k in range(20))))
+        sent += 20
+    assert seen == workers, f"answers came from {sorted(seen)}; workers are {sorted(workers)}"
+
+    limit = time.monotonic() + START_S
+    while True:  # every worker's requests, whichever answers (snapshots are 1 s apart)
+        counts = await asyncio.gather(*(scrape() for _ in range(6)))
+        if counts == [sent] * 6:
+            break
+        assert time.monotonic() < limit, (counts, sent)
+        await asyncio.sleep(0.2)
+    await stop(r)
+    assert not sock_path.exists()
