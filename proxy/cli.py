@@ -66,7 +66,9 @@ def _check(args: argparse.Namespace) -> int:
         _print_problems(resolve_config_path(args.config), exc)
         return EXIT_USAGE
     for name, upstream in config.upstreams.items():
-        print(f"{config.prefix_of(name)} -> {upstream.url} ({upstream.auth.type})")
+        egress = config.egress_for(name).proxy_for_url(upstream.url)
+        via = f" via egress proxy {egress.address}" if egress is not None else ""
+        print(f"{config.prefix_of(name)} -> {upstream.url} ({upstream.auth.type}){via}")
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok, {len(config.upstreams)} route(s)", file=sys.stderr)

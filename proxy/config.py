@@ -868,10 +868,22 @@ def parse_config(
             ".".join(path),
             "a secret written into the config file; use ${VAR} or ${file:/path} instead",
         )
-        for path, value in _secret_fields(config)
+        for path, value in [*_secret_fields(config), *_egress_passwords(config)]
         if value and path not in interpolated
     )
     return config
+
+
+def _egress_passwords(config: Config) -> Iterator[tuple[tuple[str, ...], str]]:
+    """The egress proxy URLs that carry a password, with their paths (for the
+    literal-secret warning: the URL is a plain string, not a SecretStr)."""
+    fields: list[tuple[tuple[str, ...], str | None]] = [(("egress_proxy",), config.egress_proxy)]
+    fields += [
+        (("upstreams", n, "egress_proxy"), u.egress_proxy) for n, u in config.upstreams.items()
+    ]
+    for path, value in fields:
+        if value is not None and value.strip().lower() != "none":
+            yield path, parse_proxy_url(value).password
 
 
 def _secret_fields(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:

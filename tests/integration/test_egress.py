@@ -8,6 +8,9 @@ upstream saw tells a proxied request from a direct one."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -377,3 +380,51 @@ async def test_client_certificate_through_the_egress_proxy(
     assert status == 200, body
     assert mtls_upstream.seen[0].peer == PROXY_EGRESS_ADDRESS
     assert mtls_upstream.seen[0].client_cert is not None
+
+
+# -- authproxy check / run -----------------------------------------------------------
+
+
+def _authproxy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    environ = {k: v for k, v in environ.items() if "proxy" not in k.lower()}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+        timeout=30,
+    )
+
+
+def test_check_names_the_egress_proxy_and_refuses_bad_client_certificates(
+    tmp_path: Path, pki: Pki
+) -> None:
+    cert, _ = pki.issue("client", client=True)
+    _, other_key = pki.issue("other", client=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  api: {url: https://api.example.test/v1}\n"
+        "  near: {url: https://near.internal.test}\n"
+    )
+    env = {"HTTPS_PROXY": "http://u:check-pw-1@proxy.corp:3128", "NO_PROXY": ".internal.test"}
+    ok = _authproxy("check", "-c", str(config), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == [
+        "/api -> https://api.example.test/v1 (none) via egress proxy proxy.corp:3128",
+        "/near -> https://near.internal.test (none)",
+    ]
+    assert "check-pw-1" not in ok.stdout + ok.stderr
+
+    config.write_text(
+        "upstreams:\n"
+        "  api:\n"
+        "    url: https://api.example.test\n"
+        f"    tls: {{cert_file: {cert}, key_file: {other_key}}}\n"
+    )
+    for command in ("check", "run"):
+        bad = _authproxy(command, "-c", str(config), env={})
+        assert bad.returncode == 2, bad.stderr
+        assert "upstreams.api.tls: key_file: " in bad.stderr and "is not the key of" in bad.stderr
+        assert "Traceback" not in bad.stderr

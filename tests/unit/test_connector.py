@@ -219,3 +219,17 @@ def test_the_identity_includes_the_client_certificate(tmp_path: Path) -> None:
 
     assert len({digest(None), digest(first), digest(second)}) == 3
     assert digest(first) == digest(first)
+
+
+def test_a_proxy_password_written_into_the_file_is_warned_about() -> None:
+    config = parse_config(
+        {
+            "egress_proxy": "http://u:literal-pw@p:1",
+            "upstreams": {
+                "a": {"url": "https://a.test", "egress_proxy": "http://u:${PW}@q:2"},
+                "b": {"url": "https://b.test", "egress_proxy": "http://nopassword@q:2"},
+            },
+        },
+        env={"PW": "from-env-pw"},
+    )
+    assert [w.path for w in config.warnings] == ["egress_proxy"]
