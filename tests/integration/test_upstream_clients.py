@@ -292,6 +292,14 @@ async def client(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamClient
     await made.close()
 
 
+@pytest.fixture
+async def lean() -> AsyncIterator[UpstreamClient]:
+    """The forwarding client alone, for behaviour the reference client does not share."""
+    made = LeanUpstreamClient(8)
+    yield made
+    await made.close()
+
+
 def is_lean(client: UpstreamClient) -> bool:
     return isinstance(client, LeanUpstreamClient)
 
@@ -477,10 +485,11 @@ async def test_head_without_a_declared_length_reuses_the_connection(serve, clien
     assert srv.connections == 1
 
 
-async def test_head_with_a_declared_length_is_not_reused(serve, client):
-    """Its body may come anyway, late, where the next answer belongs (finding 1)."""
-    if not is_lean(client):
-        pytest.skip("aiohttp's connector reuses it: the reason it no longer forwards")
+async def test_head_with_a_declared_length_is_not_reused(serve, lean):
+    """Its body may come anyway, late, where the next answer belongs (finding 1).
+
+    The lean client only: aiohttp's connector reuses it, the reason it no longer forwards."""
+    client = lean
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: RawServer):
         async for req in srv.requests_on(reader):
@@ -687,12 +696,12 @@ async def test_pool_limit_bounds_open_connections(client, serve):
     assert srv.connections == 2
 
 
-async def test_pool_wait_is_bounded_by_the_connect_timeout(client, serve):
-    if not is_lean(client):
-        pytest.skip("the reference client sets only sock_connect, which bounds no pool wait")
+async def test_pool_wait_is_bounded_by_the_connect_timeout(serve):
+    """The lean client only: the reference client sets only sock_connect, which bounds
+    no pool wait."""
     srv = await serve(answering(respond("200 OK", b"x" * (16 * MiB))))
     ep = srv.endpoint(connect_timeout=0.2)
-    small = type(client)(1)
+    small = LeanUpstreamClient(1)
     try:
         held = await small.send(ep, "GET", "/", [], None)
         started = time.monotonic()
