@@ -5,12 +5,14 @@ set size can be read from `/proc/<pid>/status` while 200 MiB pass through it.
 The echo upstream runs as a second subprocess so the test process only has to
 be the client (three busy parties on two cores would starve each other).
 
-The tests share one proxy (module scope) and run in file order: the last one
-stops it with SIGTERM and checks the clean exit.
+The transfer tests share one proxy (module scope), in any order; the SIGTERM test
+starts its own, carries a transfer through it, stops it and checks the clean exit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -132,9 +134,9 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
         raise
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("streaming")
+@contextlib.contextmanager
+def running_stack(tmp: Path) -> Iterator[Stack]:
+    """The echo and the proxy as subprocesses, stopped on exit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     env["STREAM_KEY"] = KEY
     echo = _start([sys.executable, "-c", ECHO_SCRIPT], tmp / "echo.out", tmp / "echo.err", env)
@@ -179,6 +181,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if proxy is not None and proxy.poll() is None:
             _stop(proxy)
         _stop(echo)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("streaming")) as running:
+        yield running
 
 
 async def _warm_up(client: aiohttp.ClientSession, url: str) -> None:
@@ -255,10 +263,19 @@ async def test_upload_streams_with_flat_memory(
     assert rss.growth < MAX_GROWTH, report
 
 
-def test_sigterm_stops_the_proxy_cleanly(stack: Stack) -> None:
-    """Runs last: the proxy that carried the transfers exits 0 on SIGTERM."""
-    assert stack.proxy.poll() is None, "the proxy died during the transfers"
-    assert _stop(stack.proxy) == 0
+async def test_sigterm_stops_the_proxy_cleanly(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """A proxy that carried a big transfer exits 0 on SIGTERM (its own proxy: the shared
+    one must outlive the other tests, whatever order they run in)."""
+    with running_stack(tmp_path) as stack:
+        await _warm_up(client, stack.url)
+        async with client.get(f"{stack.url}/h/bytes/{SIZE}") as resp:
+            assert resp.status == 200
+            size = sum([len(chunk) async for chunk in resp.content.iter_any()])
+        assert size == SIZE
+        assert stack.proxy.poll() is None, "the proxy died during the transfer"
+        assert await asyncio.to_thread(_stop, stack.proxy) == 0
     stdout = stack.stdout.read_text()
     stderr = stack.stderr.read_text()
     assert "Traceback" not in stdout + stderr, stderr
