@@ -84,10 +84,12 @@ def measure_small(
     up_pids = bench.upstream.pids()
     proxy0, up0 = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
     wrk0, machine0 = children_cpu_seconds(), machine_cpu()
+    each0 = {pid: cpu_seconds([pid]) for pid in proxy_pids}
     seconds = bench.settings.duration if duration is None else duration
     result = run_wrk(bench, target.base + "/small.json", connections, seconds)
     proxy1, up1 = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
     wrk1, machine1 = children_cpu_seconds(), machine_cpu()
+    each = {pid: cpu_seconds([pid]) - each0[pid] for pid in proxy_pids}
     n = result["requests"]
     proxy_us = (proxy1 - proxy0) * 1e6 / n if target.service and n else None
     up_us = (up1 - up0) * 1e6 / n if n else None
@@ -105,6 +107,11 @@ def measure_small(
         "wrk_cpu_s": wrk1 - wrk0,
         "machine_busy_cpu_s": machine1[0] - machine0[0],
         "machine_steal_cpu_s": machine1[1] - machine0[1],
+        # The busiest process's part of the proxy tree's CPU: 0.5 for two evenly
+        # loaded workers, 1.0 when one did all the work.
+        "busiest_share": max(each.values()) / (proxy1 - proxy0)
+        if each and proxy1 > proxy0
+        else None,
         "processes_cpu_s": {
             "proxy": proxy1 - proxy0,
             "upstream": up1 - up0,

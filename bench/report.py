@@ -300,7 +300,7 @@ def write_reports(
 
 WORKERS_TABLE_HEADER = (
     "| c | target | req/s | p50 µs | p99 µs | CPU µs/req (proxy) | cores: proxy "
-    "| upstream | wrk | others | machine busy | steal |"
+    "| upstream | wrk | others | machine busy | steal | busiest process |"
 )
 
 
@@ -340,7 +340,8 @@ def render_workers(
         "Cores: CPU-seconds per second of the run. `proxy` is the whole process tree "
         "(nginx's master and workers; authproxy's supervisor and workers), `others` the "
         "machine's busy CPU that was none of proxy, upstream and wrk (other users of the "
-        "machine), `steal` what the hypervisor took."
+        "machine), `steal` what the hypervisor took; `busiest process` its part of the proxy "
+        "tree's CPU (0.50: two workers evenly loaded, 1.00: one did everything)."
     )
     w("")
     w(WORKERS_TABLE_HEADER)
@@ -353,7 +354,7 @@ def render_workers(
                 f"| {c} | {target} | {num(e['rps'])} | {num(e['p50_us'])} | {num(e['p99_us'])} "
                 f"| {num(e['cpu_us_per_req'], 1)} | {num(k['proxy'], 2)} | {num(k['upstream'], 2)} "
                 f"| {num(k['wrk'], 2)} | {num(k['others'], 2)} | {num(k['machine_busy'], 2)} "
-                f"| {num(k['steal'], 2)} |"
+                f"| {num(k['steal'], 2)} | {num(e['busiest_share'], 2)} |"
             )
     w("")
     w("## 2 processes ÷ 1 (same round)")

@@ -260,6 +260,7 @@ def summarize_workers(settings: Settings, raw: Raw) -> dict[str, Any]:
                     ]
                 ),
             }
+            entry["busiest_share"] = median([r["busiest_share"] for r in rows])
             entry["non2xx"] = sum(r["non2xx"] for r in rows)
             entry["socket_errors"] = sum(r["socket_errors"] for r in rows)
             out[target][str(c)] = entry
