@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,8 +37,10 @@ from proxy.errors import (
     OriginNotAllowed,
     ProxyAuthRequired,
     ProxyError,
+    ShuttingDown,
 )
 from proxy.forwarding import Progress, Route, build_route, describe, forward, new_token_session
+from proxy.httpserver import MAX_FIELD, MAX_HEADERS, MAX_LINE, ProxyServer, new_request_id
 from proxy.leanclient import LeanUpstreamClient
 from proxy.logs import ACCESS, REDACTOR
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -52,9 +52,8 @@ from proxy.websocket import Relays, forward_websocket, wants_websocket
 
 log = structlog.get_logger("authproxy")
 
-# Request ids: unique per process start (random prefix) and per request (counter);
-# a uuid4 per request costs a getrandom() call for no gain.
-_request_ids = map(f"{secrets.token_hex(8)}-{{:x}}".format, itertools.count(1))
+# Logouts at shutdown, all of them together, take at most this long (SPEC §1).
+LOGOUT_TIMEOUT = 5.0
 
 ADMIN_PREFIX = "/-/"
 # CONNECT asks for a tunnel (aiohttp's client would send it in host:port form,
@@ -153,7 +152,7 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
     started = time.perf_counter()
     request_id = request.headers.get("X-Request-ID", "")
     if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
-        request_id = next(_request_ids)
+        request_id = new_request_id()
     raw_target = request.raw_path
     route: Route | None = None
     progress = Progress()
@@ -219,6 +218,20 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
             )
             error = internal.code
             response = _error_response(internal, request_id)
+        except asyncio.CancelledError:
+            # The drain deadline passed while this request still waited for its
+            # upstream (or its token): answer it rather than cut it.
+            task = asyncio.current_task()
+            if not proxy.shutting_down or progress.status or task is None:
+                raise
+            task.uncancel()
+            refused = ShuttingDown(
+                "the proxy is shutting down; the upstream did not answer in time",
+                route.name if route else None,
+            )
+            error = refused.code
+            response = _error_response(refused, request_id)
+            response.force_close()
         if not progress.status:  # a whole answer, not yet sent: count it as it goes out
             progress.status = response.status
             body = getattr(response, "body", None)
@@ -290,7 +303,7 @@ async def handle_admin(proxy: Proxy, request: web.BaseRequest) -> web.StreamResp
         response: web.Response = _admin(proxy, request, path)
     except ProxyError as exc:
         error = exc.code
-        response = _error_response(exc, next(_request_ids))
+        response = _error_response(exc, new_request_id())
     body = response.body
     ACCESS.emit(
         request.method,
@@ -359,10 +372,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         proxy.metrics.watch(lambda: [(r.name, r.auth.counters()) for r in routes.values()])
         app[PROXY] = proxy
-        await asyncio.gather(*(r.auth.start() for r in routes.values()))
+        # Nothing here waits on the network: `prefetch` runs once the port is open
+        # (proxy.server.ProxyRunner.start), so /-/health answers from the start.
         yield
         proxy.shutting_down = True
-        await asyncio.gather(*(r.auth.close() for r in routes.values()), return_exceptions=True)
+        closing = [asyncio.ensure_future(r.auth.close()) for r in routes.values()]
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=LOGOUT_TIMEOUT)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("logout_timed_out", timeout_s=LOGOUT_TIMEOUT, pending=len(late))
+                await asyncio.wait(late)
+            for task in closing:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("logout_failed", error=type(task.exception()).__name__)
     finally:
         await client.close()
         await token_session.close()
@@ -379,17 +403,19 @@ def create_app(config: Config, token_store: TokenStore | None = None) -> web.App
     return app
 
 
-def make_admin_server(app: web.Application) -> web.Server:
+def make_admin_server(app: web.Application) -> ProxyServer:
     """The admin listener's HTTP server (`admin: {host, port}`)."""
     proxy = app[PROXY]
 
     async def serve_one(request: web.BaseRequest) -> web.StreamResponse:
         return await handle_admin(proxy, request)
 
-    return web.Server(serve_one, max_line_size=8190, max_field_size=8190, max_headers=100)
+    return ProxyServer(
+        serve_one, max_line_size=MAX_LINE, max_field_size=MAX_FIELD, max_headers=MAX_HEADERS
+    )
 
 
-def make_server(app: web.Application) -> web.Server:
+def make_server(app: web.Application) -> ProxyServer:
     """The HTTP server for a started app: every request target goes to `handle`."""
     proxy = app[PROXY]
     config = proxy.config
@@ -397,12 +423,12 @@ def make_server(app: web.Application) -> web.Server:
     async def serve_one(request: web.BaseRequest) -> web.StreamResponse:
         return await handle(proxy, request)
 
-    return web.Server(
+    return ProxyServer(
         serve_one,
         # Bounded request lines and headers; a connection that sends no complete
         # request (or idles between requests) for idle_timeout is closed.
-        max_line_size=8190,
-        max_field_size=8190,
-        max_headers=100,
+        max_line_size=MAX_LINE,
+        max_field_size=MAX_FIELD,
+        max_headers=MAX_HEADERS,
         keepalive_timeout=config.listen.idle_timeout,
     )

@@ -2,6 +2,8 @@
 
     ProxyError                      -> JSON {"error": {"code", "message", "upstream"}}
     ├── BadRequest                  400 bad_request
+    ├── UriTooLong                  414 uri_too_long (the HTTP parser refused the request line)
+    ├── HeadersTooLarge             431 headers_too_large (... a header, or too many of them)
     ├── HostNotAllowed              403 host_not_allowed
     ├── OriginNotAllowed            403 origin_not_allowed
     ├── ProxyAuthRequired           407 proxy_auth_required
@@ -9,6 +11,7 @@
     ├── MethodNotAllowed            405 method_not_allowed
     ├── UpstreamUnreachable         502 upstream_unreachable
     ├── UpstreamTimeout             504 upstream_timeout
+    ├── ShuttingDown                503 shutting_down (still waiting at the drain deadline)
     └── AuthError                   (token endpoint trouble)
         ├── AuthFailed              502 auth_failed
         └── AuthBackoff             503 auth_backoff (+ Retry-After)
@@ -47,6 +50,18 @@ class ProxyError(Exception):
 
 class BadRequest(ProxyError):
     status, code = 400, "bad_request"
+
+
+class UriTooLong(ProxyError):
+    status, code = 414, "uri_too_long"
+
+
+class HeadersTooLarge(ProxyError):
+    status, code = 431, "headers_too_large"
+
+
+class ShuttingDown(ProxyError):
+    status, code = 503, "shutting_down"
 
 
 class HostNotAllowed(ProxyError):

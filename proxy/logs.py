@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
 import hashlib
 import hmac
 import json
@@ -18,7 +19,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import structlog
@@ -95,6 +96,8 @@ class LineWriter:
         # is whole lines of at most this many bytes, so a pipe (PIPE_BUF) never
         # interleaves two workers' lines. None: one write per batch.
         self.max_write: int | None = None
+        # Called once when stdout fails for good (EIO/EPIPE: the terminal closed).
+        self.on_output_lost: Callable[[], None] | None = None
 
     def write(self, line: str) -> None:
         self._pending.append(line)
@@ -114,6 +117,14 @@ class LineWriter:
             return
         lines, self._pending = self._pending, []
         out: TextIO = sys.stdout
+        try:
+            self._write(out, lines)
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            self._output_lost(out)
+
+    def _write(self, out: TextIO, lines: list[str]) -> None:
         if self.max_write is None:
             out.write("\n".join(lines) + "\n")
             out.flush()
@@ -130,6 +141,19 @@ class LineWriter:
             size += n
         out.write("\n".join(chunk) + "\n")
         out.flush()
+
+    def _output_lost(self, out: TextIO) -> None:
+        """Nobody reads our output any more: send it to /dev/null from now on (so no
+        later write, nor the interpreter's exit, fails again) and say so once."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # not a real file (test capture): nothing to redirect
+            pass
+        callback, self.on_output_lost = self.on_output_lost, None
+        if callback is not None:
+            callback()
 
 
 WRITER = LineWriter()

@@ -1,9 +1,21 @@
 """Running the app: listen, serve, drain, log out.
 
 `ProxyRunner` is what both the CLI and the tests use, so tests exercise the
-same serving path as production. SIGINT/SIGTERM (in `serve`) stop accepting,
-let in-flight requests finish for up to `shutdown_timeout`, run logouts (the
-app's cleanup), and return; a second signal during the drain exits at once.
+same serving path as production.
+
+Start: build the app (no network), open the port — from then on /-/health
+answers — and only then run `prefetch` in the background (/-/ready is 503
+until it is done). A signal at any moment of start-up stops at once.
+
+Stop (SPEC §1), each step bounded, the whole within `shutdown_delay` +
+`shutdown_timeout` + 5 s: keep serving for `shutdown_delay` with
+`Connection: close` and /-/ready 503; stop accepting; let in-flight requests
+finish until `shutdown_timeout` (0: not at all); then answer those still
+waiting for an upstream with 503 `shutting_down` and cut those whose response
+had started; force-close what is left; run the logouts (the app's cleanup,
+together, at most 5 s). The deadline is ours: aiohttp's
+`RequestHandler.shutdown(timeout)` waits its timeout twice, and not at all
+for 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from aiohttp import web
 
 from proxy.app import PROXY, Proxy, create_app, make_admin_server, make_server
 from proxy.config import Config
+from proxy.httpserver import ProxyServer
 from proxy.listener import UnixSocketFile, bind_unix
 from proxy.logs import WRITER
 from proxy.tokens import TokenStore
@@ -101,8 +114,10 @@ class ProxyRunner:
         for context in contexts:
             self.app.cleanup_ctx.append(_around_proxy(context))
         self._runner: web.ServerRunner | None = None
+        self._server: ProxyServer | None = None
         self._admin_runner: web.ServerRunner | None = None
         self._unix: UnixSocketFile | None = None  # listen.path we bound: removed at exit
+        self._prefetch: asyncio.Task[None] | None = None
         self.port = 0
         self.admin_port: int | None = None
         self.stopped = False
@@ -118,14 +133,16 @@ class ProxyRunner:
         sock: socket.socket | None = None,
         admin_sock: socket.socket | None = None,
     ) -> int:
-        """Build the proxy (sessions, authenticators, prefetch), then listen — on `sock`
-        (and `admin_sock`) when given: sockets a supervisor bound and shares between workers."""
+        """Build the proxy (no network), listen — on `sock` (and `admin_sock`) when
+        given: sockets a supervisor bound and shares between workers — then prefetch
+        in the background."""
         self.app.on_startup.freeze()  # as aiohttp's AppRunner does
         await self.app.startup()
         self.app.freeze()
-        self._runner = web.ServerRunner(
-            make_server(self.app), shutdown_timeout=self.config.shutdown_timeout
-        )
+        self._server = make_server(self.app)
+        # Our drain has closed every connection by the time cleanup() runs; this only
+        # bounds aiohttp's own wait (which it takes twice, and 0 would mean forever).
+        self._runner = web.ServerRunner(self._server, shutdown_timeout=0.1)
         await self._runner.setup()
         site: web.BaseSite
         if sock is not None:
@@ -153,22 +170,37 @@ class ProxyRunner:
                 )
             await admin_site.start()
             self.admin_port = int(self._admin_runner.addresses[0][1])
+        self._prefetch = asyncio.create_task(self._warm_up())
         return self.port
 
+    async def _warm_up(self) -> None:
+        routes = self.proxy.routes.values()
+        await asyncio.gather(*(r.auth.start() for r in routes))
+
     async def stop(self) -> None:
-        """Stop accepting, drain in-flight requests, then log out and close. Idempotent."""
+        """Linger, stop accepting, drain in-flight requests, then log out and close.
+        Idempotent."""
         if self.stopped:
             return
         self.stopped = True
         self.proxy.shutting_down = True
-        # WebSocket relays are in flight like any request, cut at the drain deadline.
+        if self._prefetch is not None:
+            self._prefetch.cancel()
         relays = self.proxy.relays
-        cut = asyncio.get_running_loop().call_later(self.config.shutdown_timeout, relays.cut)
+        cut: asyncio.TimerHandle | None = None
         try:
+            if self._server is not None and self.config.shutdown_delay > 0:
+                self._server.closing = True
+                log.info("proxy_draining", shutdown_delay_s=self.config.shutdown_delay)
+                await asyncio.sleep(self.config.shutdown_delay)
+            # WebSocket relays are in flight like any request, cut at the drain deadline.
+            cut = asyncio.get_running_loop().call_later(self.config.shutdown_timeout, relays.cut)
             if self._runner is not None:
+                await self._drain(self._runner)
                 await self._runner.cleanup()
         finally:
-            cut.cancel()
+            if cut is not None:
+                cut.cancel()
             relays.cut()
             if self._unix is not None:
                 self._unix.remove()
@@ -176,6 +208,32 @@ class ProxyRunner:
                 await self._admin_runner.cleanup()
             await self.app.shutdown()
             await self.app.cleanup()
+
+    async def _drain(self, runner: web.ServerRunner) -> None:
+        server = self._server
+        assert server is not None
+        server.closing = True
+        for site in list(runner.sites):  # stop accepting
+            await site.stop()
+        await asyncio.sleep(0)  # requests whose bytes arrived just now start
+        server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
+        timeout = self.config.shutdown_timeout
+        if server.in_flight and timeout > 0:
+            await asyncio.wait(list(server.in_flight), timeout=timeout)
+        late = dict(server.in_flight)
+        if not late:
+            return
+        log.warning("drain_deadline_passed", in_flight=len(late), shutdown_timeout_s=timeout)
+        for task, request in late.items():
+            if request.writer.output_size > 0:
+                # Its response had started: the only honest end is a cut connection.
+                if request.transport is not None:
+                    request.transport.abort()
+            else:
+                task.cancel()  # handle() answers 503 shutting_down
+        await asyncio.wait(list(late), timeout=1.0)
+        for conn in server.connections:
+            conn.force_close()
 
 
 async def serve(
@@ -202,8 +260,15 @@ async def serve(
         runner.proxy.shutting_down = True
         stop.set()
 
+    def on_output_lost() -> None:
+        # The terminal is gone (EIO/EPIPE): nobody can read the logs, stop in order.
+        if not stop.is_set():
+            runner.proxy.shutting_down = True
+            stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    WRITER.on_output_lost = on_output_lost
     for warning in config.warnings:
         log.warning("config_warning", path=warning.path, problem=warning.message)
     try:
@@ -232,5 +297,6 @@ async def serve(
         await runner.stop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        WRITER.on_output_lost = None
         log.info("proxy_stopped")
         WRITER.flush()

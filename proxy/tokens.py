@@ -243,6 +243,11 @@ class TokenManager:
         if self._inflight is not None:
             await asyncio.wait([self._inflight])
 
+    def abandon(self) -> None:
+        """At shutdown: cancel a token request still in flight (its answer is unused)."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+
     def status(self) -> dict[str, Any]:
         now = self._clock()
         token = self._current

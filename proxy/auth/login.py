@@ -9,6 +9,7 @@ characters of what it said — never a secret or an issued token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -30,7 +31,7 @@ from proxy.connector import (
     proxy_reply_error,
     proxy_unreachable,
 )
-from proxy.errors import AuthFailed
+from proxy.errors import AuthBackoff, AuthFailed
 from proxy.tokens import Grant, TokenManager
 
 log = structlog.get_logger("authproxy.auth")
@@ -318,6 +319,7 @@ class TokenAuth:
         self.injected_header = injection.header
         self.injected_query = injection.query
         self.prefetch = prefetch
+        self._ready = not prefetch
         self._cached: Credential | None = None
 
     def _credential_for(self, token: Token) -> Credential:
@@ -340,14 +342,26 @@ class TokenAuth:
         return self._credential_for(await self.manager.rejected(used.token, status))
 
     def ready(self) -> bool:
-        return not self.prefetch or self.manager.status()["state"] == "valid"
+        # Once a token was obtained, a later failure does not turn ready off (SPEC §4).
+        if not self._ready and self.manager.status()["state"] == "valid":
+            self._ready = True
+        return self._ready
 
     async def start(self) -> None:
-        if self.prefetch:
-            await self.manager.prefetch()
+        """`prefetch`: fetch now and, after a failure, again when its backoff ends,
+        until one succeeds. Runs once the port is open; cancelled at shutdown."""
+        while not self.ready():
+            try:
+                await self.manager.get()
+            except AuthBackoff as exc:
+                await asyncio.sleep(exc.retry_after)
+            except AuthFailed:
+                pass  # logged by the manager; the backoff it started paces the next try
 
     async def close(self) -> None:
-        await self.manager.wait_idle()
+        # A token request still in flight at shutdown is abandoned, not awaited: a
+        # hanging endpoint must not hold the stop up (SPEC §1).
+        self.manager.abandon()
         token = self.manager.current()
         if token is not None and self.flow.cfg.logout is not None:
             await self.flow.logout(self._credential_for(token))

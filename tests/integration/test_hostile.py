@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from proxy.fakes import GetpaidState, RecordedRequest, start_getpaid
 from tests.conftest import Echo, RunningProxy, StartProxy
-from tests.support import error_of, error_shape, free_port, wait_until
+from tests.support import access_lines, error_of, error_shape, free_port, wait_until
 
 BASE = "/base"
 INBOUND_TOKEN = "inbound-token-5d8a1f27c9"
@@ -838,17 +838,72 @@ MALFORMED: list[tuple[str, bytes]] = [
 ]
 
 
+# What each is answered (SPEC §4: every error JSON, including the parser's); the rest
+# are 400 bad_request.
+MALFORMED_ANSWER = {
+    "header-line-9000": (431, "headers_too_large"),
+    "header-name-9000": (431, "headers_too_large"),
+    "101-headers": (431, "headers_too_large"),
+    "request-line-9000": (414, "uri_too_long"),
+    "no-version-foreign-host": (403, "host_not_allowed"),
+}
+
+
 @pytest.mark.parametrize("data", [pytest.param(d, id=name) for name, d in MALFORMED])
 async def test_malformed_requests_are_refused_and_nothing_slips_through(
-    start_proxy: StartProxy, echo: Echo, client: aiohttp.ClientSession, data: bytes
+    request: pytest.FixtureRequest,
+    start_proxy: StartProxy,
+    echo: Echo,
+    client: aiohttp.ClientSession,
+    data: bytes,
 ) -> None:
+    name = request.node.callspec.id
     proxy = await echo_proxy(start_proxy, echo, listen={"idle_timeout": 2})
     answer = await exchange(proxy.port, data, within=3)
-    assert answer.refused, answer.raw[:300]
+    status, code = MALFORMED_ANSWER.get(name, (400, "bad_request"))
+    assert (answer.status, answer.error_code()) == (status, code), answer.raw[:300]
+    assert b"bytearray" not in answer.body  # the parser's own words quote raw bytes
     assert [r.raw_path for r in echo.state.requests] == []
     async with client.get(proxy.url + "/e/after") as resp:
         assert resp.status == 200
     forwarded_once(echo, "GET", BASE + "/after")
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        pytest.param(request_bytes("/e/" + "a" * 16384), 414, "uri_too_long", id="16k-url"),
+        pytest.param(
+            request_bytes("/e/x", headers=[(f"X-H{i}", "v") for i in range(200)]),
+            431,
+            "headers_too_large",
+            id="200-headers",
+        ),
+        pytest.param(
+            request_bytes("/e/x", headers=[("X-Big", "b" * 65536)]),
+            431,
+            "headers_too_large",
+            id="64k-header",
+        ),
+    ],
+)
+async def test_parser_refusals_are_json_with_an_access_line(
+    start_proxy: StartProxy,
+    echo: Echo,
+    capsys: pytest.CaptureFixture[str],
+    data: bytes,
+    status: int,
+    code: str,
+) -> None:
+    proxy = await echo_proxy(start_proxy, echo)
+    answer = await exchange(proxy.port, data, within=3)
+    assert (answer.status, answer.error_code()) == (status, code)
+    await asyncio.sleep(0)  # the access line is flushed once per loop turn
+    lines = [r for r in access_lines(capsys.readouterr().out) if r.get("error") == code]
+    assert [(r["status"], r["request_id"]) for r in lines] == [
+        (status, answer.headers["x-request-id"])
+    ]
+    assert echo.state.requests == []
 
 
 async def test_slowloris_is_cut_off_by_idle_timeout(

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
+from proxy.fakes import PaymoState, SeedFake
 from tests.support import free_port, wait_until
 
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
@@ -124,3 +128,211 @@ async def test_second_signal_exits_at_once(tmp_path: Path, echo) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- listen first (SPEC §1, §4): the port opens before any start-up work --------------
+
+
+def paymo_upstream(paymo: SeedFake[PaymoState], **auth: object) -> dict[str, object]:
+    return {
+        "url": paymo.url,
+        "auth": {"type": "paymo_session", "api_key": paymo.state.api_key, **auth},
+    }
+
+
+async def get_json(url: str) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_listening(url: str, proc: subprocess.Popen[bytes], deadline_s: float) -> float:
+    """Seconds until /-/health answers 200."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() - started < deadline_s:
+            assert proc.poll() is None, "proxy exited during start-up"
+            try:
+                async with session.get(url + "/-/health") as resp:
+                    assert resp.status == 200
+                    return time.monotonic() - started
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.02)
+    raise AssertionError(f"/-/health did not answer within {deadline_s} s")
+
+
+async def test_health_answers_while_prefetch_hangs_and_sigterm_stops_at_once(
+    tmp_path: Path, paymo: SeedFake[PaymoState]
+) -> None:
+    paymo.state.token_failure = "hang"
+    config: dict[str, object] = {"upstreams": {"paymo": paymo_upstream(paymo, prefetch=True)}}
+    proc, url, log = start_like_the_container(tmp_path, config)
+    try:
+        # Python's start-up is part of it; the prefetch never answers at all.
+        assert await wait_listening(url, proc, 5) < 5
+        deadline = time.monotonic() + 5
+        while paymo.state.token_requests == 0:
+            assert time.monotonic() < deadline, "the prefetch never started"
+            await asyncio.sleep(0.02)
+        status, body = await get_json(url + "/-/ready")
+        assert status == 503
+        assert body["waiting_for_token"] == ["paymo"]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 5) == 0
+        assert time.monotonic() - sent < 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text()
+
+
+async def test_ready_flips_once_the_prefetch_is_done(
+    tmp_path: Path, paymo: SeedFake[PaymoState]
+) -> None:
+    paymo.state.token_delay = 1.5
+    config: dict[str, object] = {"upstreams": {"paymo": paymo_upstream(paymo, prefetch=True)}}
+    proc, url, _ = start_like_the_container(tmp_path, config)
+    try:
+        await wait_listening(url, proc, 5)
+        status, body = await get_json(url + "/-/ready")
+        assert (status, body["waiting_for_token"]) == (503, ["paymo"])
+        await wait_ready(url, proc, 5)
+        assert paymo.state.token_requests == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert paymo.state.logout_requests == 1
+
+
+# -- stop on time (SPEC §1): delay + timeout + 5 s at most ---------------------------
+
+
+@pytest.mark.parametrize(("shutdown_timeout", "within"), [(0, 1.0), (3, 4.0), (10, 11.0)])
+async def test_stop_keeps_its_deadline_with_a_long_request_in_flight(
+    tmp_path: Path, paymo: SeedFake[PaymoState], echo, shutdown_timeout: int, within: float
+) -> None:
+    config = {
+        "shutdown_timeout": shutdown_timeout,
+        "upstreams": {"slow": {"url": echo.url}, "paymo": paymo_upstream(paymo)},
+    }
+    proc, url, log = start_like_the_container(tmp_path, config)
+    try:
+        await wait_ready(url, proc)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(url + "/paymo/me") as resp:
+                assert resp.status == 200
+            pending = asyncio.create_task(client.get(url + "/slow/slow?seconds=60"))
+            deadline = time.monotonic() + 5
+            while echo.state.in_flight < 1:
+                assert time.monotonic() < deadline, "the request never reached the upstream"
+                await asyncio.sleep(0.01)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            resp = await asyncio.wait_for(pending, within + 2)
+            answered = time.monotonic() - sent
+            assert resp.status == 503
+            assert resp.headers["Connection"] == "close"
+            assert (await resp.json())["error"]["code"] == "shutting_down"
+            assert await asyncio.to_thread(proc.wait, 10) == 0
+            stopped = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert shutdown_timeout - 0.2 < answered < within, answered
+    assert stopped < within + 1.0, stopped  # + the logout, on loopback
+    assert paymo.state.logout_requests == 1
+    events = [json.loads(x)["event"] for x in log.read_text().splitlines() if x.startswith("{")]
+    assert events.index("drain_deadline_passed") < events.index("token_logout")
+    assert "Traceback" not in log.read_text()
+
+
+async def test_a_response_that_had_started_is_cut_at_the_deadline(tmp_path: Path, echo) -> None:
+    config = {"shutdown_timeout": 1, "upstreams": {"slow": {"url": echo.url}}}
+    proc, url, _ = start_like_the_container(tmp_path, config)
+    try:
+        await wait_ready(url, proc)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(url + "/slow/slowbody?seconds=30") as resp:
+                assert resp.status == 200
+                await resp.content.readany()  # the answer has started
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await asyncio.wait_for(resp.read(), 5)
+            assert time.monotonic() - sent < 2.5
+        assert await asyncio.to_thread(proc.wait, 5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_shutdown_delay_keeps_serving_with_connection_close(tmp_path: Path, echo) -> None:
+    config = {
+        "shutdown_delay": 2,
+        "shutdown_timeout": 1,
+        "upstreams": {"e": {"url": echo.url}},
+    }
+    proc, url, _ = start_like_the_container(tmp_path, config)
+    try:
+        await wait_ready(url, proc)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        served = 0
+        async with aiohttp.ClientSession() as client:
+
+            async def unready() -> bool:
+                async with client.get(url + "/-/ready") as resp:
+                    return resp.status == 503
+
+            await wait_until(unready, 1, what="/-/ready to turn 503")
+            while time.monotonic() - sent < 1.5:
+                async with client.get(url + "/e/x") as resp:
+                    assert resp.status == 200
+                    assert resp.headers["Connection"] == "close"
+                    served += 1
+                async with client.get(url + "/-/ready") as resp:
+                    assert resp.status == 503
+                await asyncio.sleep(0.1)
+        assert served >= 5
+        assert await asyncio.to_thread(proc.wait, 6) == 0
+        assert 2 <= time.monotonic() - sent < 2 + 1 + 1.5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stdout_closed_for_good_stops_gracefully(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"upstreams": {"e": {"url": "http://127.0.0.1:9"}}}))
+    port = free_port()
+    env = {**os.environ, "AUTHPROXY_PORT": str(port), "AUTHPROXY_LOG_FORMAT": "json"}
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [str(AUTHPROXY), "run", "-c", str(config_file)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    try:
+        assert proc.stdout is not None
+        assert b"proxy_started" in proc.stdout.readline()
+        proc.stdout.close()  # the terminal went away
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # each request writes an access line
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/health", timeout=2).close()
+            time.sleep(0.1)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in errors.read_bytes(), errors.read_text()

@@ -72,7 +72,8 @@ async def test_ready_waits_for_prefetched_tokens(start_proxy, paymo, client) -> 
         },
         env={"K": paymo.state.api_key},
     )
-    assert paymo.state.token_requests == 1  # fetched at start, before any request
+    # Fetched at start, in the background once the port is open, before any request.
+    await wait_until(lambda: paymo.state.token_requests == 1, 5, what="the prefetch")
     async with client.get(proxy.url + "/-/ready") as resp:
         assert resp.status == 503
         assert (await resp.json())["waiting_for_token"] == ["paymo"]

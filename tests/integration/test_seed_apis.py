@@ -35,6 +35,7 @@ from proxy.fakes import (
     start_primaerp,
 )
 from tests.conftest import RunningProxy, StartProxy, log_lines
+from tests.support import wait_until
 
 LIFETIME = 1.0  # seconds a fake token lives: the proxy renews it after about half
 JUNK = "client-junk-credential"  # what a client sends as its own credential
@@ -568,7 +569,8 @@ async def test_prefetch_fetches_at_start(
     case: str, seed: SetupFactory, client: aiohttp.ClientSession
 ) -> None:
     setup = await seed(case, lifetime=3600.0, prefetch=True)
-    assert setup.state.token_requests == 1  # before any client request
+    # In the background once the port is open, before any client request.
+    await wait_until(lambda: setup.state.token_requests == 1, 5, what="the prefetch")
     assert setup.state.resource_requests == 0
     async with client.get(setup.proxy.url + "/-/status") as resp:
         assert resp.status == 200
