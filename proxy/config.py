@@ -335,8 +335,8 @@ def token_urls(auth: AuthConfig, base_url: str) -> list[str]:
 
 
 class Timeout(Strict):
-    connect: PositiveFloat = 10.0
-    read: PositiveFloat = 300.0
+    connect: PositiveFloat = 10.0  # also the longest wait for a pooled connection
+    read: PositiveFloat = 300.0  # upstream silence, and the whole wait for its head
 
 
 class TLS(Strict):
@@ -424,6 +424,9 @@ class Upstream(Strict):
     )
     max_replay_body: NonNegativeInt = 1_048_576
     timeout: Timeout = Timeout()
+    # Connections (active + idle) open to this upstream; default: its share of the
+    # top-level pool_size, so one upstream's stalls cannot starve the others.
+    pool_size: int | None = Field(default=None, ge=1, le=100_000)
     tls: TLS = TLS()
     # An http:// proxy URL or `none`; unset: the top level's, then the environment's.
     egress_proxy: EgressProxyStr = None

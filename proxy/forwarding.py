@@ -7,6 +7,7 @@ Everything a route needs per request is computed once in `build_route`;
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -87,6 +88,8 @@ def build_route(
         connect_timeout=upstream.timeout.connect,
         read_timeout=upstream.timeout.read,
         egress=egress.proxy_for(target.scheme, target.host),
+        pool_size=upstream.pool_size or math.ceil(config.pool_size / len(config.upstreams)),
+        route=name,
     )
     return Route(
         name=name,

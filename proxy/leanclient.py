@@ -3,9 +3,9 @@
 Why it exists: on this project's 2-core reference machine aiohttp's ClientSession
 spends ~130 µs of CPU per proxied request, more than the proxy's whole budget
 (~110 µs). A keep-alive client that does only what a reverse proxy needs costs a
-fraction of that. It implements `proxy.upstream.UpstreamClient`; aiohttp's client
-stays the reference and the fallback (`AiohttpUpstreamClient`), and the
-conformance tests in tests/unit/test_upstream_clients.py run against both.
+fraction of that. It implements `proxy.upstream.UpstreamClient` and is the only
+forwarding client; the conformance tests (test_upstream_clients.py) compare it
+with aiohttp's client as the reference.
 
 What it does, and the choices that differ from a general-purpose client:
 
@@ -18,13 +18,15 @@ What it does, and the choices that differ from a general-purpose client:
   sent as SNI); a plain-HTTP one by absolute-form requests to the proxy, with its
   Proxy-Authorization in the head (the proxy consumes it). A 407 from the proxy is
   an `EgressError`, never handed on as the upstream's answer.
-* Pooling: idle keep-alive connections per (scheme, host, port, ssl, egress proxy), taken LIFO
-  (the warmest socket first); at most `pool_size` connections open in total,
-  across all upstreams. At the limit, an idle connection of another upstream is
-  closed to make room, or else `send` waits for one to be freed, at most the
-  endpoint's connect timeout (then `TimeoutError`). Idle connections the server
-  closes are dropped at once (the transport reports it); idle ones older than
-  `KEEPALIVE_IDLE` seconds are closed instead of reused.
+* Pooling: idle keep-alive connections per Endpoint (one per route, naming it and
+  its egress proxy: never shared with another route to the same host), taken LIFO
+  (the warmest socket first); at most the endpoint's `pool_size` open to it, and
+  `pool_size` in total across all upstreams. At the total limit, an idle
+  connection of another upstream is closed to make room, or else `send` waits
+  for one to be freed, at most the endpoint's connect timeout (then
+  `TimeoutError`). Idle connections the server closes are dropped at once (the
+  transport reports it); idle ones older than `KEEPALIVE_IDLE` seconds are
+  closed instead of reused.
 * A connection goes back to the pool as soon as its response has been received
   whole, as aiohttp's does, even if the caller has not read the body yet (it is
   already buffered): the forwarder's 401 replay then reuses it. `release()` or
@@ -78,6 +80,7 @@ import httptools  # type: ignore[import-untyped, unused-ignore]  # stubs since 0
 
 from proxy.connector import (
     EgressError,
+    OutboundError,
     client_certificate_demanded,
     open_tunnel,
     proxy_reply_error,
@@ -94,10 +97,22 @@ SMALL_BODY: Final = 64 * 1024  # bytes bodies up to this go out in the same writ
 STREAM_SLICE: Final = 256 * 1024  # larger bytes bodies are written in slices of this size
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CRLF: Final = "\r\n"
+# What an upstream's response head may hold: aiohttp's client limits for a line and
+# a field, its server's for the count, and a total, so a hostile upstream costs at
+# most this much memory (plus one read) before its request fails with a 502.
+MAX_LINE: Final = 8190  # the status line's reason phrase
+MAX_FIELD: Final = 8190  # one header line, name and value
+MAX_HEADERS: Final = 100
+MAX_HEAD: Final = 64 * 1024  # status lines and headers until the final ones, 1xx included
 
 
 class UpstreamConnectionError(ConnectionError):
     """The exchange with the upstream broke: refused, reset, closed early, malformed."""
+
+
+class MalformedResponse(UpstreamConnectionError, OutboundError):
+    """The upstream's answer broke a rule or a limit; the message (ours) says which,
+    and the client's 502 shows it."""
 
 
 class _StaleConnection(UpstreamConnectionError):
@@ -140,6 +155,8 @@ class _Dest:
         "host",
         "host_line",
         "idle",
+        "limit",
+        "open",
         "port",
         "sni",
         "ssl",
@@ -149,7 +166,6 @@ class _Dest:
     def __init__(
         self,
         endpoint: Endpoint,
-        idle: list[_Conn],
         ssl_ctx: ssl.SSLContext | None,
         tunnel: bool = False,
     ):
@@ -159,7 +175,12 @@ class _Dest:
         self.sni = endpoint.host if ssl_ctx is not None else None
         self.host_line = f" HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"
         self.head_lines = 3  # request line, Host, the blank line
-        self.idle = idle  # shared by every Endpoint with the same pool key
+        # Idle connections are this Endpoint's (one route's) alone, never shared with
+        # another route to the same host: a stray answer left on a connection can then
+        # never reach a request made with other credentials.
+        self.idle: list[_Conn] = []
+        self.limit = endpoint.pool_size or 1 << 30  # connections open at once, this route
+        self.open = 0
         self.connect_timeout = endpoint.connect_timeout
         self.egress = egress = endpoint.egress
         # CONNECT (then TLS for HTTPS): always for HTTPS, for plain HTTP when asked
@@ -264,6 +285,10 @@ class _Conn(asyncio.Protocol):
         self._resp: _LeanResponse | None = None
         self._fut: asyncio.Future[_LeanResponse] | None = None  # until the final headers
         self._reason = b""
+        self._head_bytes = 0  # raw bytes fed while the head is incomplete
+        self._head_fields = 0  # bytes of the header fields parsed (a head in one read)
+        self._over: str | None = None  # which head limit the upstream broke
+        self._head_deadline = 0.0  # status line + headers due by then (0: not yet armed)
         self._is_head = False
         self._informational = False
         self._complete = False
@@ -335,6 +360,7 @@ class _Conn(asyncio.Protocol):
             return
         self._got_bytes = True
         self._last = self.loop.time()
+        in_head = self._fut is not None
         try:
             parser.feed_data(data)
         except _PARSER_ERRORS as exc:
@@ -344,7 +370,15 @@ class _Conn(asyncio.Protocol):
             if self._complete:  # garbage after a complete response
                 self._keep_alive = False
             else:
-                self._error(UpstreamConnectionError(f"malformed response: {exc}"))
+                self._error(MalformedResponse(f"malformed response: {exc}"))
+                return
+        if in_head:
+            if self._over is None and self._fut is not None:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    self._over = f"response head over {MAX_HEAD} bytes"
+            if self._over is not None:
+                self._error(MalformedResponse(f"malformed response: {self._over}"))
                 return
         if self._complete:
             self._finish()
@@ -356,6 +390,9 @@ class _Conn(asyncio.Protocol):
             self._keep_alive = False
 
     def on_status(self, status: bytes) -> None:
+        if len(self._reason) + len(status) > MAX_LINE:
+            self._over = f"status line over {MAX_LINE} bytes"
+            return
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -364,12 +401,24 @@ class _Conn(asyncio.Protocol):
             return
         # Nothing else here: the few facts the headers decide that httptools does not
         # report (framing, Connection) are looked up in the rare cases that need them.
+        if len(name) + len(value) > MAX_FIELD:
+            self._over = f"a header line over {MAX_FIELD} bytes"
+            return
+        if len(resp.headers) >= MAX_HEADERS:
+            self._over = f"more than {MAX_HEADERS} headers"
+            return
+        self._head_fields += len(name) + len(value) + 4
+        if self._head_fields > MAX_HEAD:
+            self._over = f"response head over {MAX_HEAD} bytes"
+            return
         resp.headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
 
     def on_headers_complete(self) -> None:
         resp, fut, parser = self._resp, self._fut, self._parser
+        if self._over is not None:  # a limit broken: data_received fails the exchange
+            return
         if resp is None or fut is None or parser is None or self._complete:
             self._keep_alive = False
             return
@@ -385,7 +434,7 @@ class _Conn(asyncio.Protocol):
                 self._complete = True
                 self._fut = None
                 if not fut.done():
-                    fut.set_exception(UpstreamConnectionError("unexpected 101 from upstream"))
+                    fut.set_exception(MalformedResponse("unexpected 101 from upstream"))
                 return
             self._informational = True  # 100 Continue, 103 Early Hints: skipped
             return
@@ -455,6 +504,8 @@ class _Conn(asyncio.Protocol):
         self._resp = _LeanResponse(self)
         self._fut = fut = self.loop.create_future()
         self._reason = b""
+        self._head_bytes = self._head_fields = 0
+        self._over = None
         self._is_head = method == "HEAD"
         self._informational = self._complete = self._keep_alive = self._got_bytes = False
         self._request_done = True
@@ -465,6 +516,9 @@ class _Conn(asyncio.Protocol):
         # the same pool key, whose read timeouts may differ.
         self._read_timeout = read_timeout
         self._last = now = self.loop.time()
+        # Once the request is sent, its answer's head is due within read_timeout in
+        # all, however the upstream trickles it (or floods us with 1xx answers).
+        self._head_deadline = now + read_timeout
         timer = self._timer
         if timer is None:
             self._timer = self.loop.call_at(now + read_timeout, self._on_timer)
@@ -476,6 +530,7 @@ class _Conn(asyncio.Protocol):
     def stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         """Send the rest of the body from a task, so the answer can be read meanwhile."""
         self._request_done = False
+        self._head_deadline = 0.0  # armed when the body has gone
         self._writer = self.loop.create_task(self._write_body(body, chunked))
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
@@ -522,6 +577,7 @@ class _Conn(asyncio.Protocol):
         self._writer = None
         self._request_done = True
         self._last = loop.time()
+        self._head_deadline = self._last + self._read_timeout
 
     def _switch(self, data: bytes, exc: Exception) -> None:
         """The upstream said 101: the rest of the connection is the new protocol's.
@@ -590,8 +646,16 @@ class _Conn(asyncio.Protocol):
         if self._awaiting_source:
             self._last = now  # waiting for the caller's upload, not for the upstream
         deadline = self._last + self._read_timeout
+        head_due = self._head_deadline if self._fut is not None else 0.0
+        if head_due and head_due < deadline:
+            deadline = head_due
         if now < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        if deadline == head_due:
+            self._error(
+                TimeoutError(f"upstream sent no complete response head in {self._read_timeout:g}s")
+            )
             return
         self._error(TimeoutError(f"upstream sent nothing for {self._read_timeout:g}s"))
 
@@ -664,7 +728,8 @@ class LeanUpstreamClient:
         self._limit = pool_size
         self._open = 0  # connections open or being opened, all upstreams
         self._conns: set[_Conn] = set()
-        self._pools: dict[tuple[str, str, int, object, object], list[_Conn]] = {}
+        self._pools: list[list[_Conn]] = []  # every route's idle list
+        self._by_value: dict[Endpoint, _Dest] = {}  # equal Endpoints share one pool
         self._dests: dict[int, tuple[Endpoint, _Dest]] = {}
         self._tunnel_dests: dict[int, tuple[Endpoint, _Dest]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -679,9 +744,10 @@ class LeanUpstreamClient:
         entry = self._dests.get(id(endpoint))
         if entry is not None and entry[0] is endpoint:
             return entry[1]
-        ctx = self._ssl_context(endpoint)
-        key = (endpoint.scheme, endpoint.host, endpoint.port, ctx, endpoint.egress)
-        dest = _Dest(endpoint, self._pools.setdefault(key, []), ctx)
+        dest = self._by_value.get(endpoint)
+        if dest is None:
+            dest = self._by_value[endpoint] = _Dest(endpoint, self._ssl_context(endpoint))
+            self._pools.append(dest.idle)
         # Keyed by identity (the entry keeps the Endpoint alive, so its id stays its
         # own): hashing a frozen dataclass on every request costs more than the rest.
         self._dests[id(endpoint)] = (endpoint, dest)
@@ -692,8 +758,8 @@ class LeanUpstreamClient:
         entry = self._tunnel_dests.get(id(endpoint))
         if entry is not None and entry[0] is endpoint:
             return entry[1]
-        key = (endpoint.scheme, endpoint.host, endpoint.port, "tunnel", endpoint.egress)
-        dest = _Dest(endpoint, self._pools.setdefault(key, []), None, tunnel=True)
+        dest = _Dest(endpoint, None, tunnel=True)
+        self._pools.append(dest.idle)
         self._tunnel_dests[id(endpoint)] = (endpoint, dest)
         return dest
 
@@ -846,9 +912,13 @@ class LeanUpstreamClient:
                 conn = self._take_idle(dest)
                 if conn is not None:
                     return conn
-            if self._open < self._limit:
-                return await self._connect(dest, loop)
-            if self._evict_idle():
+            if dest.open < dest.limit:
+                if self._open < self._limit:
+                    return await self._connect(dest, loop)
+                if self._evict_idle():
+                    continue
+            elif fresh and dest.idle:  # a retry needs a new connection: make room
+                dest.idle[0].close_clean()
                 continue
             if not deadline:
                 deadline = loop.time() + dest.connect_timeout
@@ -856,6 +926,7 @@ class LeanUpstreamClient:
 
     async def _connect(self, dest: _Dest, loop: asyncio.AbstractEventLoop) -> _Conn:
         self._open += 1
+        dest.open += 1
         conn = _Conn(self, dest, loop)
         try:
             async with asyncio.timeout(dest.connect_timeout):
@@ -870,6 +941,7 @@ class LeanUpstreamClient:
                     )
         except BaseException as exc:
             self._open -= 1
+            dest.open -= 1
             self._wake_one()
             if conn.transport is not None:
                 conn.transport.abort()
@@ -888,6 +960,7 @@ class LeanUpstreamClient:
         if conn.closed or self._closed or conn.transport is None:
             # Closed while the handshake finished (server hung up, or client.close()).
             self._open -= 1
+            dest.open -= 1
             self._wake_one()
             conn.abort(None)
             raise UpstreamConnectionError(f"connection to {dest.host}:{dest.port} closed at once")
@@ -898,7 +971,7 @@ class LeanUpstreamClient:
     def _evict_idle(self) -> bool:
         """At the limit: close the longest-idle connection of any upstream to make room."""
         oldest: _Conn | None = None
-        for idle in self._pools.values():
+        for idle in self._pools:
             if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
                 oldest = idle[0]
         if oldest is None:
@@ -909,12 +982,10 @@ class LeanUpstreamClient:
     async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        timer = loop.call_at(deadline, _expire, waiter, self._limit)
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._wake_one()  # pass on the wake-up this task will not use
             raise
         finally:
             timer.cancel()
@@ -922,12 +993,13 @@ class LeanUpstreamClient:
                 self._waiters.remove(waiter)
 
     def _wake_one(self) -> None:
+        """A slot or an idle connection came free: every waiter looks again (limits are
+        per route as well as in all, so the one woken might not be able to use it)."""
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
 
     def _put_idle(self, conn: _Conn) -> None:
         loop = self._loop
@@ -943,6 +1015,7 @@ class LeanUpstreamClient:
         conn.registered = False
         self._conns.discard(conn)
         self._open -= 1
+        conn.dest.open -= 1
         idle = conn.dest.idle
         if idle and conn in idle:
             idle.remove(conn)
@@ -985,9 +1058,9 @@ async def _connect_tunnel(loop: asyncio.AbstractEventLoop, conn: _Conn, dest: _D
     conn.connection_made(tls)
 
 
-def _expire(waiter: asyncio.Future[None], limit: int) -> None:
+def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError(f"no upstream connection free (pool of {limit})"))
+        waiter.set_exception(TimeoutError("no pooled connection free within timeout.connect"))
 
 
 def _header(headers: list[tuple[str, str]], lower_name: str) -> str:

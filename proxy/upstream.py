@@ -34,9 +34,11 @@ class Endpoint:
     host_header: str  # the Host value: host, plus :port when not the default
     base: str  # scheme://host[:port] — the target is appended to it
     ssl: ssl.SSLContext | bool  # False: no verification; True: default context
-    connect_timeout: float
-    read_timeout: float
+    connect_timeout: float  # also bounds the wait for a pooled connection
+    read_timeout: float  # silence, and the whole wait for the response head
     egress: EgressProxy | None = None  # the egress proxy to go through (SPEC §10)
+    pool_size: int = 0  # connections open at once to this endpoint (0: no own limit)
+    route: str = ""  # whose pool: connections are never shared between routes
 
 
 class UpstreamResponse(Protocol):
