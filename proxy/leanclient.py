@@ -248,6 +248,12 @@ class _LeanResponse:
             conn.resume()
         return chunk
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if all of it has arrived already (nothing to wait for), else None."""
+        if not self._done or self._exc is not None:
+            return None
+        return b"".join(self._chunks)
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:

@@ -50,6 +50,11 @@ class UpstreamResponse(Protocol):
         """The body as it arrives (compressed bodies stay compressed)."""
         ...
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if all of it has arrived already (nothing to wait for), else
+        None: what lets a small answer go out in one write without being held back."""
+        ...
+
     def release(self) -> None:
         """Done with the response: reuse the connection if it is clean, else close it."""
         ...

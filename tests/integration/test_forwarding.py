@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import json
@@ -878,3 +879,46 @@ async def test_trace_and_connect_are_never_forwarded(start_proxy, echo, client, 
             assert "TRACE" not in resp.headers["Allow"]
             assert (await resp.json())["error"]["code"] == "method_not_allowed"
     assert echo.state.requests == []
+
+
+# -- response timing (SPEC §4): nothing is held back ----------------------------------
+
+
+async def test_a_trickling_small_body_reaches_the_client_in_pieces(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    """6 bytes over 3 s, Content-Length known: the client has the status line at once
+    and each byte as it comes, not all of it after 3 s."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\n"
+            )
+            for byte in b"abcdef":
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(bytes([byte]))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await start_proxy({"upstreams": {"t": {"url": f"http://127.0.0.1:{port}"}}})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with client.get(proxy.url + "/t/x") as resp:
+            head_after = loop.time() - started
+            assert resp.status == 200, await resp.text()
+            arrivals: list[tuple[float, bytes]] = []
+            while chunk := await resp.content.readany():
+                arrivals.append((loop.time() - started, chunk))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"".join(c for _, c in arrivals) == b"abcdef"
+    assert head_after < 0.4, head_after
+    assert len(arrivals) >= 3, arrivals
+    assert arrivals[0][0] < 1.2, arrivals

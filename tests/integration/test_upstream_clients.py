@@ -49,6 +49,9 @@ class _AiohttpResponse:
         except aiohttp.ClientError as exc:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
 
+    def complete_body(self) -> bytes | None:
+        return None  # not known without waiting: the forwarder streams
+
     def release(self) -> None:
         self._resp.release()
 
