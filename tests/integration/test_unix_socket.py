@@ -121,6 +121,7 @@ async def test_curl_over_the_unix_socket_mode_0600_and_gone_after_sigterm(
             started = await wait_until(lambda: _started(log, proc), 20, what="proxy_started")
             assert started is not None
             assert started["listen"] == f"unix:{sock_path}"
+            assert started["event_loop"] == "uvloop"  # the CONNECT tunnel on uvloop, too
             assert stat.S_ISSOCK(sock_path.lstat().st_mode)
             assert stat.S_IMODE(sock_path.lstat().st_mode) == 0o600
             # Any Host is accepted on a Unix socket: no web page can reach it.
