@@ -25,7 +25,9 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -69,7 +71,9 @@ CLIENT_CLOSED = 499
 
 @dataclass(slots=True)
 class Proxy:
-    """Everything the handler needs, built once when the app starts."""
+    """One configuration, built once: everything the handler needs. A reload builds a
+    new one and swaps it in (`ProxyState.current`); each request captures the current
+    one when it arrives and keeps it to its end, as nginx's old workers do."""
 
     config: Config
     client: UpstreamClient
@@ -79,16 +83,52 @@ class Proxy:
     allowed_origins: frozenset[str]
     require_token: bytes | None
     metrics: Metrics
+    state: ProxyState
+    loaded_at: float = 0.0  # wall clock
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.state.shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.state.shutting_down = value
+
+    @property
+    def relays(self) -> Relays:
+        return self.state.relays
+
+
+@dataclass(slots=True)
+class ProxyState:
+    """What outlives a reload: the resources every configuration shares, the current
+    configuration, and the authenticators a reload replaced that still await logout."""
+
+    client: UpstreamClient
+    token_session: aiohttp.ClientSession
+    store: TokenStore | None
+    metrics: Metrics
+    current: Proxy | None = None
     shutting_down: bool = False
+    closing: bool = False  # the drain is over: replaced tokens log out without waiting
+    last_reload_error: str | None = None
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
     relays: Relays = field(init=False)  # open WebSocket relays, for the shutdown to cut
 
     def __post_init__(self) -> None:
         self.relays = Relays(self.metrics)
 
 
-PROXY = web.AppKey("proxy", Proxy)
+STATE = web.AppKey("proxy_state", ProxyState)
 CONFIG = web.AppKey("config", Config)
 STORE: web.AppKey[TokenStore] = web.AppKey("token_store")
+
+
+def current_proxy(app: web.Application) -> Proxy:
+    """The configuration serving new requests now."""
+    proxy = app[STATE].current
+    assert proxy is not None, "the app has not started"
+    return proxy
 
 
 def _host_of(host_header: str) -> str:
@@ -188,21 +228,25 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
                         f"{request.method} is never forwarded", route.name, FORWARDABLE
                     )
                 check_remainder(remainder)
-                if "Upgrade" in request.headers and wants_websocket(request):
-                    response = await forward_websocket(
-                        proxy.client,
-                        request,
-                        route,
-                        remainder,
-                        query,
-                        request_id,
-                        progress,
-                        proxy.relays,
-                    )
-                else:
-                    response = await forward(
-                        proxy.client, request, route, remainder, query, request_id, progress
-                    )
+                route.usage.in_flight += 1  # a reload logs a replaced token out once idle
+                try:
+                    if "Upgrade" in request.headers and wants_websocket(request):
+                        response = await forward_websocket(
+                            proxy.client,
+                            request,
+                            route,
+                            remainder,
+                            query,
+                            request_id,
+                            progress,
+                            proxy.relays,
+                        )
+                    else:
+                        response = await forward(
+                            proxy.client, request, route, remainder, query, request_id, progress
+                        )
+                finally:
+                    route.usage.in_flight -= 1
         except ProxyError as exc:
             if route is None:
                 route = _route_of(proxy, raw_target)
@@ -335,48 +379,88 @@ def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:
             body=proxy.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
         )
     if path == "/-/status":
-        upstreams = {r.name: describe(r) for r in proxy.routes.values()}
-        # pid: which process answered (with `run --workers N`, one of the workers).
-        return _json(200, {"pid": os.getpid(), "upstreams": upstreams})
+        loaded_at = datetime.fromtimestamp(proxy.loaded_at, UTC).isoformat(timespec="seconds")
+        return _json(
+            200,
+            {
+                # pid: which process answered (with `run --workers N`, one of the workers).
+                "pid": os.getpid(),
+                "upstreams": {r.name: describe(r) for r in proxy.routes.values()},
+                "config": {
+                    "loaded_at": loaded_at.replace("+00:00", "Z"),
+                    "last_reload_error": proxy.state.last_reload_error,
+                },
+            },
+        )
     raise NoRoute("unknown admin endpoint; try /-/health or /-/status")
+
+
+def build_proxy(
+    state: ProxyState,
+    config: Config,
+    previous: Proxy | None = None,
+    keep_tokens: frozenset[str] = frozenset(),
+) -> Proxy:
+    """A configuration ready to serve. On a reload, `previous` is the one it replaces and
+    `keep_tokens` names the upstreams whose token managers carry over (same identity)."""
+    routes: dict[str, Route] = {}
+    old = {r.name: r for r in previous.routes.values()} if previous is not None else {}
+    for name, upstream in config.upstreams.items():
+        route = build_route(
+            name,
+            upstream,
+            config,
+            state.token_session,
+            state.store,
+            previous=old.get(name),
+            keep_token=name in keep_tokens,
+        )
+        routes[route.prefix] = route
+        if not upstream.tls.verify:
+            log.warning("tls_verification_disabled", upstream=name)
+    hosts = (
+        None
+        # On a Unix socket any Host is fine: no web page can reach it (SPEC §10).
+        if "*" in config.allowed_hosts or config.listen.path is not None
+        else frozenset(h.lower() for h in config.allowed_hosts)
+    )
+    token = config.listen.require_token
+    return Proxy(
+        config=config,
+        client=state.client,
+        routes=routes,
+        prefixes=sort_prefixes(routes),
+        allowed_hosts=hosts,
+        allowed_origins=frozenset(config.allowed_origins),
+        require_token=token.get_secret_value().encode() if token else None,
+        metrics=state.metrics,
+        state=state,
+        loaded_at=time.time(),
+    )
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = app.get(STORE)
     token_session = new_token_session()
     client: UpstreamClient = LeanUpstreamClient(pool_size=config.pool_size)
-    routes: dict[str, Route] = {}
+    state = ProxyState(client, token_session, app.get(STORE), Metrics())
     try:
-        for name, upstream in config.upstreams.items():
-            route = build_route(name, upstream, config, token_session, store)
-            routes[route.prefix] = route
-            if not upstream.tls.verify:
-                log.warning("tls_verification_disabled", upstream=name)
-        hosts = (
-            None
-            # On a Unix socket any Host is fine: no web page can reach it (SPEC §10).
-            if "*" in config.allowed_hosts or config.listen.path is not None
-            else frozenset(h.lower() for h in config.allowed_hosts)
+        state.current = build_proxy(state, config)
+        state.metrics.watch(
+            lambda: [
+                (r.name, r.auth.counters())
+                for r in (state.current.routes.values() if state.current else ())
+            ]
         )
-        token = config.listen.require_token
-        proxy = Proxy(
-            config=config,
-            client=client,
-            routes=routes,
-            prefixes=sort_prefixes(routes),
-            allowed_hosts=hosts,
-            allowed_origins=frozenset(config.allowed_origins),
-            require_token=token.get_secret_value().encode() if token else None,
-            metrics=Metrics(),
-        )
-        proxy.metrics.watch(lambda: [(r.name, r.auth.counters()) for r in routes.values()])
-        app[PROXY] = proxy
+        app[STATE] = state
         # Nothing here waits on the network: `prefetch` runs once the port is open
         # (proxy.server.ProxyRunner.start), so /-/health answers from the start.
         yield
-        proxy.shutting_down = True
-        closing = [asyncio.ensure_future(r.auth.close()) for r in routes.values()]
+        state.shutting_down = state.closing = True
+        current = state.current
+        closing = [asyncio.ensure_future(r.auth.close()) for r in current.routes.values()]
+        # Sessions a reload replaced finish their own logout now (their requests are over).
+        closing += state.retiring
         if closing:
             _, late = await asyncio.wait(closing, timeout=LOGOUT_TIMEOUT)
             for task in late:
@@ -405,9 +489,11 @@ def create_app(config: Config, token_store: TokenStore | None = None) -> web.App
 
 def make_admin_server(app: web.Application) -> ProxyServer:
     """The admin listener's HTTP server (`admin: {host, port}`)."""
-    proxy = app[PROXY]
+    state = app[STATE]
 
     async def serve_one(request: web.BaseRequest) -> web.StreamResponse:
+        proxy = state.current
+        assert proxy is not None
         return await handle_admin(proxy, request)
 
     return ProxyServer(
@@ -417,10 +503,12 @@ def make_admin_server(app: web.Application) -> ProxyServer:
 
 def make_server(app: web.Application) -> ProxyServer:
     """The HTTP server for a started app: every request target goes to `handle`."""
-    proxy = app[PROXY]
-    config = proxy.config
+    state = app[STATE]
+    config = current_proxy(app).config
 
     async def serve_one(request: web.BaseRequest) -> web.StreamResponse:
+        proxy = state.current
+        assert proxy is not None
         return await handle(proxy, request)
 
     return ProxyServer(

@@ -89,13 +89,16 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(resolve_config_path(args.config), exc)
         return EXIT_USAGE
+    from proxy.reload import ConfigSource
+
     configure_logging(config.log.level, config.log.format, config.secrets)
     tune_allocator()
+    source = ConfigSource(resolve_config_path(args.config), overrides)
     if config.workers > 1:
         from proxy.supervisor import supervise
 
-        return supervise(config)
-    run(serve(config), config.event_loop)
+        return supervise(config, source)
+    run(serve(config, source=source), config.event_loop)
     return EXIT_OK
 
 

@@ -580,6 +580,8 @@ class Config(Strict):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Serving processes behind one listening socket (SPEC §8, proxy/supervisor.py).
     workers: int = Field(default=1, ge=1, le=256)
+    # Reload when the config file, a file it names or a TLS file changes (SPEC §9).
+    watch: bool = False
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # An http:// proxy URL or `none` for every upstream; unset: the environment's.
     egress_proxy: EgressProxyStr = None
@@ -589,6 +591,8 @@ class Config(Strict):
     _warnings: tuple[Problem, ...] = PrivateAttr(default=())
     # https_proxy / http_proxy / no_proxy as the process found them (parse_config).
     _proxy_env: ProxyEnv = PrivateAttr(default=ProxyEnv())
+    # Every path a `${file:...}` named, for `watch` (SPEC §9).
+    _files: frozenset[str] = PrivateAttr(default=frozenset())
 
     @field_validator("event_loop")
     @classmethod
@@ -604,6 +608,11 @@ class Config(Strict):
     @property
     def warnings(self) -> tuple[Problem, ...]:
         return self._warnings
+
+    @property
+    def files(self) -> frozenset[str]:
+        """The files `${file:...}` references read, in the order of no importance."""
+        return self._files
 
     def prefix_of(self, name: str) -> str:
         return self.upstreams[name].prefix or f"/{name}"
@@ -670,6 +679,7 @@ def _interpolate(
     problems: list[Problem],
     secrets: set[str],
     interpolated: set[tuple[str, ...]],
+    files: set[str] | None = None,
 ) -> Any:
     """Replace `${VAR}`, `${VAR:-default}` and `${file:/path}` in every string value;
     `interpolated` collects the paths of the values that held a reference."""
@@ -681,6 +691,8 @@ def _interpolate(
             ref = match.group(1)
             if ref.startswith("file:"):
                 file_path = ref[5:]
+                if files is not None:
+                    files.add(file_path)
                 try:
                     text = Path(file_path).read_text()
                 except OSError as exc:
@@ -825,7 +837,8 @@ def parse_config(
         raise ConfigError([Problem("", "the config must be a mapping (key: value) at the top")])
     secrets: set[str] = set()
     interpolated: set[tuple[str, ...]] = set()
-    raw = _interpolate(raw, env, problems, secrets, interpolated)
+    files: set[str] = set()
+    raw = _interpolate(raw, env, problems, secrets, interpolated, files)
     # A value that came from the environment or the command line is reported under
     # its source's name: the file has nothing wrong at that path.
     sources: dict[str, str] = {}
@@ -860,7 +873,11 @@ def parse_config(
         problems.append(Problem(variable, message))
         proxy_env = ProxyEnv()
     if problems or config is None:
-        raise ConfigError(problems)
+        # A reload that fails still watches the files it tried to read, and still
+        # redacts the values it resolved (they may be new secrets).
+        raise ConfigError(
+            problems, files=frozenset(files), secrets=frozenset(s for s in secrets if len(s) >= 4)
+        )
     config._proxy_env = proxy_env
     secrets |= collect_secrets(config)
     for egress in config.egress_proxies():
@@ -874,6 +891,7 @@ def parse_config(
         for path, value in [*_secret_fields(config), *_egress_passwords(config)]
         if value and path not in interpolated
     )
+    config._files = frozenset(files)
     return config
 
 

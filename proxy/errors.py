@@ -144,6 +144,14 @@ class Problem:
 class ConfigError(Exception):
     """A config that cannot run; `problems` lists every reason at once."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(
+        self,
+        problems: list[Problem],
+        *,
+        files: frozenset[str] = frozenset(),
+        secrets: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+        self.files = files  # the `${file:...}` paths it named, for `watch`
+        self.secrets = secrets  # values it resolved where secrets live: redact them

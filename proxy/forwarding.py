@@ -7,11 +7,13 @@ Everything a route needs per request is computed once in `build_route`;
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -42,6 +44,14 @@ NO_BODY = frozenset({204, 304})
 
 
 @dataclass(slots=True)
+class Usage:
+    """Requests using one token manager right now; shared by the routes of successive
+    configurations that kept it, so a replaced one is logged out only once idle."""
+
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
 class Route:
     name: str
     prefix: str
@@ -55,11 +65,27 @@ class Route:
     retry_statuses: frozenset[int]
     max_replay_body: int
     url: str
+    usage: Usage = field(default_factory=Usage)
+    tls: tuple[object, ...] = ()  # TLS settings + CA file digest the endpoint was built from
 
 
 def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | bool:
     """Trust and client certificate, shared by the upstream and its token endpoints."""
     return upstream.tls.context()
+
+
+def _tls_key(upstream: Upstream) -> tuple[object, ...]:
+    """The TLS settings and the contents of the files they name: equal keys, one context
+    (a rotated CA or client certificate makes a new one on reload)."""
+    tls = upstream.tls
+    digests: list[bytes | None] = []
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name, None)
+        try:
+            digests.append(hashlib.sha256(Path(path).read_bytes()).digest() if path else None)
+        except OSError:
+            digests.append(None)
+    return (tls.model_dump_json(), *digests)
 
 
 def build_route(
@@ -68,11 +94,21 @@ def build_route(
     config: Config,
     session: aiohttp.ClientSession,
     store: TokenStore | None = None,
+    previous: Route | None = None,
+    keep_token: bool = False,
 ) -> Route:
-    ssl_ctx = ssl_context_for(upstream)
+    """`previous`: this upstream's route in the configuration being replaced (a reload);
+    its TLS context and endpoint are reused when unchanged, and with `keep_token` its
+    token manager too (the caller has compared the auth identities)."""
+    tls = _tls_key(upstream)
+    if previous is not None and previous.tls == tls:
+        ssl_ctx = previous.endpoint.ssl  # a context loads its CA file once
+    else:
+        ssl_ctx = ssl_context_for(upstream)
+    kept = previous.auth if previous is not None and keep_token else None
     egress = config.egress_for(name)
     auth = build_authenticator(
-        name, upstream, session, ssl_ctx, config.secrets, store, egress=egress
+        name, upstream, session, ssl_ctx, config.secrets, store, kept, egress=egress
     )
     strip_query = set(upstream.strip_query)
     if auth.injected_query:
@@ -91,6 +127,8 @@ def build_route(
         pool_size=upstream.pool_size or math.ceil(config.pool_size / len(config.upstreams)),
         route=name,
     )
+    if previous is not None and previous.endpoint == endpoint:
+        endpoint = previous.endpoint  # the upstream client keeps its pool per Endpoint
     return Route(
         name=name,
         prefix=config.prefix_of(name),
@@ -104,6 +142,8 @@ def build_route(
         retry_statuses=frozenset(upstream.retry_statuses),
         max_replay_body=upstream.max_replay_body,
         url=upstream.url,
+        usage=previous.usage if kept is not None and previous is not None else Usage(),
+        tls=tls,
     )
 
 

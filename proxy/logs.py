@@ -342,7 +342,52 @@ class _StdlibBridge(logging.Handler):
         )
 
 
+# The chain every structlog logger uses, changed in place by `configure_logging`:
+# loggers cache a reference to it on first use, so a reload's new renderer reaches them.
+_PROCESSORS: list[structlog.typing.Processor] = []
+_LEVEL_ALIASES = {
+    logging.DEBUG: ("debug",),
+    logging.INFO: ("info", "msg"),
+    logging.WARNING: ("warning", "warn"),
+    logging.ERROR: ("error",),
+    logging.CRITICAL: ("critical", "fatal"),
+}
+
+
+def _nop(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+async def _anop(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+class _ReloadableLevel(structlog.make_filtering_bound_logger(logging.NOTSET)):  # type: ignore[misc]
+    """structlog's filtering logger (a level below the minimum costs one `return None`),
+    with the minimum kept on the class: cached loggers follow a reload's new level."""
+
+    min_level = logging.INFO
+
+    def log(self, level: int, event: str, *args: Any, **kw: Any) -> Any:
+        if level < type(self).min_level:
+            return None
+        return super().log(level, event, *args, **kw)
+
+
+def _set_level(level: int) -> None:
+    cls = _ReloadableLevel
+    cls.min_level = level
+    for value, names in _LEVEL_ALIASES.items():
+        for name in names:
+            for attr, nop in ((name, _nop), (f"a{name}", _anop)):
+                if value < level:
+                    setattr(cls, attr, nop)
+                elif attr in cls.__dict__:
+                    delattr(cls, attr)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
+    """Set up (or, on a reload, change) the level, the format and the redaction set."""
     REDACTOR.add(secrets)
     if fmt == "auto":
         fmt = "console" if sys.stdout.isatty() else "json"
@@ -359,19 +404,19 @@ def configure_logging(level: str = "info", fmt: str = "auto", secrets: Iterable[
         library = logging.getLogger(name)
         library.handlers = [bridge]
         library.propagate = False
+    _PROCESSORS[:] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks as plain text, never with local variables (they hold tokens).
+        structlog.processors.format_exc_info,
+        REDACTOR,
+        renderer,
+    ]
+    _set_level(logging.getLevelNamesMapping()[level.upper()])
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # Tracebacks as plain text, never with local variables (they hold tokens).
-            structlog.processors.format_exc_info,
-            REDACTOR,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        processors=_PROCESSORS,
+        wrapper_class=_ReloadableLevel,
         logger_factory=_stdout_logger,
         cache_logger_on_first_use=True,
     )

@@ -32,6 +32,7 @@ class Metrics:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.retries: Counter[str] = Counter()
         self.in_flight = 0
+        self.reloads: Counter[str] = Counter()  # outcome -> count (SPEC §9)
         # upstream -> per-bucket counts (last: +Inf) and the sum of observations.
         self.latency: dict[str, tuple[list[int], list[float]]] = {}
         self.relays_open: Counter[str] = Counter()  # WebSocket relays, by upstream
@@ -119,6 +120,12 @@ class _ScrapeCollector(Collector):
         yield retries
         yield fetches
         yield ttl
+        reloads = CounterMetricFamily(
+            "authproxy_config_reloads", "Configuration reloads, by outcome.", labels=["outcome"]
+        )
+        for outcome in ("success", "failure"):
+            reloads.add_metric([outcome], m.reloads.get(outcome, 0))
+        yield reloads
         yield GaugeMetricFamily(
             "authproxy_in_flight_requests", "Requests being handled now.", value=m.in_flight
         )

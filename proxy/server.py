@@ -34,11 +34,12 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy.app import PROXY, Proxy, create_app, make_admin_server, make_server
+from proxy.app import Proxy, create_app, current_proxy, make_admin_server, make_server
 from proxy.config import Config
 from proxy.httpserver import ProxyServer
 from proxy.listener import UnixSocketFile, bind_unix
 from proxy.logs import WRITER
+from proxy.reload import ConfigSource, Reloader
 from proxy.tokens import TokenStore
 
 log = structlog.get_logger("authproxy")
@@ -93,7 +94,7 @@ def _around_proxy(
     context: ProxyContext,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def around(app: web.Application) -> AsyncIterator[None]:
-        async with context(app[PROXY]):
+        async with context(current_proxy(app)):
             yield
 
     return around
@@ -124,7 +125,8 @@ class ProxyRunner:
 
     @property
     def proxy(self) -> Proxy:
-        return self.app[PROXY]
+        """The configuration serving new requests now (a reload swaps it)."""
+        return current_proxy(self.app)
 
     async def start(
         self,
@@ -244,10 +246,13 @@ async def serve(
     sock: socket.socket | None = None,
     admin_sock: socket.socket | None = None,
     contexts: Sequence[ProxyContext] = (),
+    source: ConfigSource | None = None,
 ) -> None:
     """Serve until a signal (or `stop`) arrives; `on_ready` receives the bound port.
-    A worker of `run --workers N` passes the shared sockets and its `contexts`."""
+    A worker of `run --workers N` passes the shared sockets and its `contexts`.
+    With `source` (where `config` was read from), SIGHUP reloads it (SPEC §9)."""
     runner = ProxyRunner(config, contexts=contexts)
+    reloader = Reloader(runner.app, source) if source is not None else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -266,8 +271,15 @@ async def serve(
             runner.proxy.shutting_down = True
             stop.set()
 
+    def on_hangup() -> None:
+        if reloader is None:
+            log.warning("config_reload_skipped", reason="no config file to reload")
+        elif not stop.is_set():
+            reloader.request("signal")
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     WRITER.on_output_lost = on_output_lost
     for warning in config.warnings:
         log.warning("config_warning", path=warning.path, problem=warning.message)
@@ -295,7 +307,7 @@ async def serve(
         await stop.wait()
     finally:
         await runner.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         WRITER.on_output_lost = None
         log.info("proxy_stopped")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import select
 import shutil
@@ -43,6 +44,7 @@ import structlog
 from proxy.config import Config, TokenAuthBase
 from proxy.listener import UnixSocketFile, bind_unix
 from proxy.logs import WRITER
+from proxy.reload import ConfigSource
 from proxy.server import (  # imported before the fork: workers share what it draws
     listen_url,
     run,
@@ -76,8 +78,9 @@ class Listeners:
 ServeWorker = Callable[[Config, Listeners], None]
 
 
-def serve_worker(config: Config, listeners: Listeners) -> None:
-    """A worker's whole life: the single-process server on the shared sockets."""
+def serve_worker(config: Config, listeners: Listeners, source: ConfigSource | None = None) -> None:
+    """A worker's whole life: the single-process server on the shared sockets; with
+    `source`, the SIGHUP the supervisor passes on reloads it (SPEC §9)."""
     directory = listeners.metrics_dir
     run(
         serve(
@@ -85,6 +88,7 @@ def serve_worker(config: Config, listeners: Listeners) -> None:
             sock=listeners.main,
             admin_sock=listeners.admin,
             contexts=[lambda proxy: share_metrics(proxy.metrics, directory)],
+            source=source,
         ),
         config.event_loop,
     )
@@ -319,6 +323,6 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def supervise(config: Config) -> int:
+def supervise(config: Config, source: ConfigSource | None = None) -> int:
     """Serve `config` with `config.workers` processes; the exit code of `run`."""
-    return Supervisor(config, config.workers).run()
+    return Supervisor(config, config.workers, functools.partial(serve_worker, source=source)).run()

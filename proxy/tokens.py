@@ -113,6 +113,10 @@ class TokenManager:
         self.fetch_success = 0
         self.fetch_failure = 0
 
+    def use_source(self, source: TokenSource) -> None:
+        """A reload kept this manager (same identity) and rebuilt its transport."""
+        self._source = source
+
     # -- the hot path -------------------------------------------------------
 
     async def get(self) -> Token:

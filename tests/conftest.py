@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import PROXY, Proxy
+from proxy.app import Proxy, current_proxy
 from proxy.config import Config, parse_config
 from proxy.fakes import (
     ISSUED,
@@ -139,7 +139,7 @@ class RunningProxy:
 
     @property
     def state(self) -> Proxy:
-        return self.app[PROXY]
+        return current_proxy(self.app)
 
     async def stop(self) -> None:
         await self.runner.stop()

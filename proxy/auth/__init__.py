@@ -37,9 +37,12 @@ def build_authenticator(
     ssl_context: ssl.SSLContext | bool,
     secrets: frozenset[str],
     store: TokenStore | None = None,
+    previous: Authenticator | None = None,
     *,
     egress: Egress | None = None,
 ) -> Authenticator:
+    """`previous`: the authenticator this one replaces on a reload, whose token flow has
+    the same identity: its token manager (token, refresh token, state) carries over."""
     auth = upstream.auth
     if auth.type in STATIC_TYPES:
         return STATIC_TYPES[auth.type](auth)
@@ -52,7 +55,11 @@ def build_authenticator(
     )
     http = TokenHttp(session, name, timeout, ssl_context, secrets, egress or Egress())
     flow = LoginFlow(login, http)
-    manager = TokenManager(name, flow, refresh_before=login.refresh_before, store=store)
+    if isinstance(previous, TokenAuth):
+        manager = previous.manager
+        manager.use_source(flow)  # same token request; maybe a new TLS context or timeouts
+    else:
+        manager = TokenManager(name, flow, refresh_before=login.refresh_before, store=store)
     inject = login.inject
     injection = Injection(header=inject.header, template=inject.value, query=inject.query)
     return TokenAuth(auth.type, manager, flow, injection, prefetch=login.prefetch)
