@@ -684,6 +684,8 @@ async def test_status_shape_without_secrets(
         text = await resp.text()
     status = json.loads(text)
     assert status.pop("pid") == os.getpid()  # the proxy runs in this test's process
+    loaded = status.pop("config")  # SPEC §9: when the running configuration was loaded
+    assert loaded["last_reload_error"] is None and loaded["loaded_at"].endswith("Z")
     empty = {"state": "none", "expires_in": None}
     assert status == {
         "upstreams": {
