@@ -85,7 +85,7 @@ def _tls_key(upstream: Upstream) -> tuple[object, ...]:
             digests.append(hashlib.sha256(Path(path).read_bytes()).digest() if path else None)
         except OSError:
             digests.append(None)
-    return (tls.model_dump_json(), *digests)
+    return (tls, *digests)  # pydantic equality compares secret values too
 
 
 def build_route(
