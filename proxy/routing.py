@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from proxy.errors import BadRequest
 
@@ -20,6 +20,10 @@ _DOT_SEGMENT = re.compile(r"^(?:\.|%2e){1,2}$", re.IGNORECASE)
 # Characters that have no business in a path: backslash (some servers treat it as
 # `/`), NUL and other controls, whether raw or percent-encoded, and a fragment.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\#]|%(?:5c|00|0[1-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
+# Escapes some decoders turn into `.`, `/` or `\\`: overlong UTF-8 (`%c0%ae`,
+# `%e0%80%ae`) and IIS's `%uXXXX`.
+_SHADY_ESCAPE = re.compile(r"%(?:c0|c1|e0%[89]|f0%8)|%u[0-9a-f]{4}", re.IGNORECASE)
+_SEPARATORS = re.compile(r"[/\\]")
 _SECRET_PARAM = re.compile(
     r"token|key|secret|passw|pwd|auth|session|signature|sig$|^code$|credential",
     re.IGNORECASE,
@@ -77,12 +81,27 @@ def split_target(raw_target: str) -> tuple[str, str]:
 
 
 def check_remainder(remainder: str) -> None:
-    """Refuse dot-segments and unsafe characters in the part we forward."""
+    """Refuse dot-segments and unsafe characters in the part we forward.
+
+    "Dot-segment" is read the way the most forgiving upstream decoder would (SPEC §4):
+    after dropping `;params` (Tomcat, Jetty, Spring), after percent-decoding once or
+    twice, with an encoded `/` or `\\` counted as a separator; overlong UTF-8 and
+    `%u` escapes are refused outright. A plain path (no `%`, no `;`) costs one split.
+    """
     if _UNSAFE.search(remainder):
         raise BadRequest("path contains a forbidden character")
-    for segment in remainder.split("/"):
-        if segment and _DOT_SEGMENT.match(segment):
-            raise BadRequest("path must not contain . or .. segments")
+    if "%" not in remainder and ";" not in remainder:
+        for segment in remainder.split("/"):
+            if segment and _DOT_SEGMENT.match(segment):
+                raise BadRequest("path must not contain . or .. segments")
+        return
+    once = unquote(remainder, errors="replace")
+    if _SHADY_ESCAPE.search(remainder) or _SHADY_ESCAPE.search(once):
+        raise BadRequest("path contains an overlong UTF-8 or %u escape")
+    for form in (remainder, once, unquote(once, errors="replace")):
+        for piece in _SEPARATORS.split(form):
+            if piece.partition(";")[0] in (".", ".."):
+                raise BadRequest("path must not contain . or .. segments")
 
 
 def build_upstream_target(base_path: str, remainder: str, query: str) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import random
+import re
 import socket
 import struct
 import time
@@ -404,7 +405,32 @@ async def test_allowed_origins_admits_exactly_the_listed_origin(
 
 _CONTROL_ESCAPES = [f"%{i:02x}" for i in range(0x01, 0x20)] + ["%7f", "%7F", "%0D%0A"]
 
+# Dot-segments as the most forgiving upstream decoder reads them (SPEC §4): `;params`
+# dropped (Tomcat, Jetty, Spring), decoded once or twice, `%2f`/`%5c` as separators,
+# overlong UTF-8, IIS's `%u`.
+NEAR_MISS_TAILS = [
+    "/..;/x",
+    "/.;/x",
+    "/x/.;x",
+    "/%2e%2e;/x",
+    "/%2e%2e;jsessionid=1/x",
+    "/..%2fx",
+    "/..%2f..%2fetc/passwd",
+    "/%2e%2e%2fx",
+    "/x%2f..%2fy",
+    "/%2e%2e%5cx",
+    "/%252e%252e/x",
+    "/%252e%252e%252fx",
+    "/%25%32%65%25%32%65/x",
+    "/%c0%ae%c0%ae/x",
+    "/..%c0%afx",
+    "/%e0%80%ae%e0%80%ae/x",
+    "/%u002e%u002e/x",
+    "/x/%u002e",
+]
+
 BAD_TARGETS: list[tuple[str, str]] = [
+    *[("GET", "/e" + tail) for tail in NEAR_MISS_TAILS],
     ("GET", "/e/../x"),
     ("GET", "/e/./x"),
     ("GET", "/e/x/.."),
@@ -466,12 +492,15 @@ async def test_unsafe_targets_are_400_and_never_forwarded(
         "/%2ex",
         "/a%2fb",
         "/a%2Fb%20c+d",
-        "/..%2f..%2fetc/passwd",
         "//evil.com/x",
         "/@evil.com",
         "/a;b=c",
+        "/a%3bb",
+        "/x..%2fy",
+        "/%e2%82%ac",
         "",
         "?q=..%2f",
+        "?q=..;/%c0%ae",
     ],
 )
 async def test_near_misses_are_forwarded_byte_for_byte(
@@ -504,9 +533,10 @@ _PATH_PIECES = st.one_of(
         [
             *("%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%00", "%0a", "%0D", "%1f", "%7f"),
             *("%25", "%20", "%3f", "%23", "%40", "%3a", "%2e%2e", "%", "%%32%65", "%252e"),
+            *("%c0%ae", "%c0%af", "%u002e", "%252f", "%3b", "%255c", "%e0%80%ae", "%c3%a9"),
         ]
     ),
-    st.sampled_from(["/", "//", ".", "..", "/../", "/./", "/..", "/.", "?", "#", ";"]),
+    st.sampled_from(["/", "//", ".", "..", "/../", "/./", "/..", "/.", "?", "#", ";", "..;"]),
 )
 RAW_TAILS = st.lists(_PATH_PIECES, max_size=24).map("".join)
 
@@ -541,6 +571,10 @@ def generate_tails(count: int) -> list[str]:
     @example("/%5c..%5cx")
     @example("/\\..\\x")
     @example("")
+    @example("/.;x")
+    @example("/%c0%ae%c0%ae/x")
+    @example("/%u002e%u002e/x")
+    @example("/..%c0%afx")
     def collect(tail: str) -> None:
         tails.append(tail)
 
@@ -549,8 +583,16 @@ def generate_tails(count: int) -> list[str]:
 
 
 def dot_segments_after_decoding(path: str) -> list[str]:
-    """Segments that are `.`/`..` once percent-decoded (RFC 3986: `/` separates)."""
-    return [s for s in path.split("/") if unquote(s) in (".", "..")]
+    """Pieces of `path` that some upstream's decoder could read as `.`/`..` (SPEC §4):
+    after decoding none, once or twice, split at `/` or `\\`, `;params` dropped; and
+    any overlong-UTF-8 or `%u` escape, which some decoders turn into a dot or slash."""
+    found = re.findall(r"%(?:c0|c1|e0%[89]|f0%8)|%u[0-9a-f]{4}", path, re.IGNORECASE)
+    forms = [path, unquote(path)]
+    forms.append(unquote(forms[1]))
+    found += re.findall(r"%(?:c0|c1)|%u[0-9a-f]{4}", forms[1], re.IGNORECASE)
+    for form in forms:
+        found += [p for p in re.split(r"[/\\]", form) if p.split(";", 1)[0] in (".", "..")]
+    return found
 
 
 async def test_property_raw_paths_never_escape_the_base_path(
@@ -1299,6 +1341,7 @@ _FUZZ_METHODS = [
     "X" * 300,
 ]
 _FUZZ_TARGETS = [
+    *["/e" + tail for tail in NEAR_MISS_TAILS],
     *["/e/x", "/e/echo/a", "/e", "/e/", "/e?q=1", "/e/a%2Fb%20c"] * 3,
     "/e/../x",
     "/e/%2e%2e/x",

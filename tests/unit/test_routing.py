@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import re
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from hypothesis import example, given
@@ -64,11 +65,21 @@ def test_pay_does_not_match_paymo() -> None:
     )
 
 
-@given(base_url, raw_path_chars, st.text(alphabet="abc=&%20+", max_size=20))
+_PIECES = st.sampled_from(
+    ["/", ".", "..", ";", "x", "%2e", "%2f", "%5c", "%25", "2e", "%c0%ae", "%u002e", "\\", "..;"]
+)
+hostile_tail = st.one_of(raw_path_chars, st.lists(_PIECES, max_size=12).map("".join))
+
+
+@given(base_url, hostile_tail, st.text(alphabet="abc=&%20+", max_size=20))
 @example("https://x.io/api", "/..%2f..%2fevil.com", "")
 @example("http://api.example.com", "//evil.com/x", "")
 @example("http://api.example.com", "/@evil.com", "")
 @example("https://h.example:8443/v1", "", "a=1")
+@example("https://x.io/api", "..;/x", "")
+@example("https://x.io/api", "%252e%252e/x", "")
+@example("https://x.io/api", "%c0%ae%c0%ae/x", "")
+@example("https://x.io/api", "..%5c..%5cx", "")
 def test_built_url_never_leaves_host_or_base_path(base: str, tail: str, query: str) -> None:
     remainder = "/" + tail if tail else ""
     try:
@@ -83,6 +94,33 @@ def test_built_url_never_leaves_host_or_base_path(base: str, tail: str, query: s
     assert got.path.startswith(want.path)
     # Byte for byte: nothing re-encoded.
     assert url == base + (remainder or ("" if want.path else "/")) + (f"?{query}" if query else "")
+    # ... and under the base path whichever decoder the upstream uses (SPEC §4).
+    for path in upstream_readings(got.path):
+        assert path.startswith(want.path.rstrip("/") + "/") or path == want.path, (url, path)
+
+
+def upstream_readings(path: str) -> list[str]:
+    """The paths an upstream might resolve `path` to: decoded none, once or twice,
+    `\\` read as `/`, `;params` dropped (Tomcat), overlong `%c0%ae` as `.`, and
+    IIS's `%u002e`; each with its dot-segments removed (RFC 3986 §5.2.4)."""
+    readings = []
+    for form in (path, unquote(path), unquote(unquote(path))):
+        for variant in (form, re.sub(r"%c0%ae|%u002e", ".", form, flags=re.IGNORECASE)):
+            flat = variant.replace("\\", "/")
+            flat = "/".join(seg.split(";", 1)[0] for seg in flat.split("/"))
+            readings.append(_remove_dot_segments(flat))
+    return readings
+
+
+def _remove_dot_segments(path: str) -> str:
+    out: list[str] = []
+    for seg in path.split("/")[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    return "/" + "/".join(out)
 
 
 @pytest.mark.parametrize(
@@ -100,6 +138,16 @@ def test_built_url_never_leaves_host_or_base_path(base: str, tail: str, query: s
         "/a%00b",
         "/a\x01b",
         "/x#frag",
+        "/..;/x",
+        "/.;x",
+        "/%2e%2e;/x",
+        "/..%2fx",
+        "/%2e%2e%2fx",
+        "/%252e%252e/x",
+        "/%c0%ae%c0%ae/x",
+        "/..%c0%afx",
+        "/%u002e%u002e/x",
+        "/%2e%2e%5cx",
     ],
 )
 def test_unsafe_remainders_rejected(remainder: str) -> None:
@@ -108,7 +156,8 @@ def test_unsafe_remainders_rejected(remainder: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "remainder", ["", "/", "/a%2Fb", "/a%20b+c", "/...", "/.well-known/x", "/a..b"]
+    "remainder",
+    ["", "/", "/a%2Fb", "/a%20b+c", "/...", "/.well-known/x", "/a..b", "/a;b=c", "/x..%2fy"],
 )
 def test_safe_remainders_pass(remainder: str) -> None:
     check_remainder(remainder)
