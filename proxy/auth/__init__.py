@@ -20,7 +20,7 @@ from proxy.tokens import TokenManager, TokenStore
 
 __all__ = ["Authenticator", "Credential", "Token", "build_authenticator"]
 
-TOKEN_READ_CAP = 30.0
+TOKEN_TIMEOUT_CAP = 30.0  # seconds: a token request's whole deadline at most
 
 STATIC_TYPES: dict[str, Callable[[Any], static.StaticAuth]] = {
     "none": static.none_auth,
@@ -48,10 +48,11 @@ def build_authenticator(
         return STATIC_TYPES[auth.type](auth)
     assert isinstance(auth, TokenAuthBase)
     login = presets.resolve_login(auth, upstream.url.rstrip("/"))
+    # The token timeout (SPEC §2): one total deadline for the whole request — DNS,
+    # egress CONNECT, TLS, the answer — of connect + read, at most 30 s.
+    total = min(upstream.timeout.connect + upstream.timeout.read, TOKEN_TIMEOUT_CAP)
     timeout = aiohttp.ClientTimeout(
-        sock_connect=upstream.timeout.connect,
-        sock_read=min(upstream.timeout.read, TOKEN_READ_CAP),
-        total=upstream.timeout.connect + min(upstream.timeout.read, TOKEN_READ_CAP),
+        sock_connect=min(upstream.timeout.connect, total), sock_read=None, total=total
     )
     http = TokenHttp(session, name, timeout, ssl_context, secrets, egress or Egress())
     flow = LoginFlow(login, http)

@@ -180,6 +180,11 @@ def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
     return None
 
 
+def refused(exc: AuthFailed) -> bool:
+    """The endpoint answered, and said no (4xx: `invalid_grant`, an unknown token)."""
+    return exc.endpoint_status is not None and 400 <= exc.endpoint_status < 500
+
+
 class LoginFlow:
     """A `TokenSource` for any API with a login endpoint (SPEC §3, type `login`)."""
 
@@ -195,7 +200,12 @@ class LoginFlow:
                     refresh.request, "refresh", {"refresh_token": previous.refresh_token}
                 )
             except AuthFailed as exc:
-                # Refresh tokens may be single-use or expired: a full login is the cure.
+                if not refused(exc):
+                    # A timeout, a network error or a 5xx: the endpoint is failing, and a
+                    # login now would only make the client wait a second token timeout.
+                    raise
+                # The refresh token was refused (used once already, expired): a full
+                # login is the cure, at once.
                 log.info("token_refresh_failed", upstream=self.http.upstream, error=exc.message)
         return await self._exchange(self.cfg.request, "login", {})
 

@@ -508,3 +508,151 @@ async def test_secret_echoed_by_the_endpoint_is_not_repeated(
         assert scripted.calls == 1
     out = capsys.readouterr().out
     assert "scripted-client-secret-value" not in out
+
+
+# -- refresh failures (SPEC §3 primaERP): only a refused refresh falls back to a login --
+
+
+@pytest.fixture
+async def primaerp_proxy(
+    start_proxy: StartProxy,
+) -> AsyncIterator[tuple[SeedFake[PrimaerpState], RunningProxy]]:
+    async with await start_primaerp(PrimaerpState(lifetime=1.0)) as fake:
+        s = fake.state
+        proxy = await start_proxy(
+            {
+                "upstreams": {
+                    "primaerp": {
+                        "url": fake.url,
+                        "timeout": {"connect": 0.5, "read": 1},  # token timeout: 1.5 s
+                        "auth": {
+                            "type": "primaerp",
+                            "api_key": "${KEY}",
+                            "secret_key": "${SECRET}",
+                        },
+                    }
+                }
+            },
+            env={"KEY": s.apikey, "SECRET": s.secret_key},
+        )
+        yield fake, proxy
+
+
+@pytest.mark.parametrize("failure", ["hang", "500"])
+async def test_a_refresh_that_fails_is_not_followed_by_a_login(
+    primaerp_proxy: tuple[SeedFake[PrimaerpState], RunningProxy],
+    client: aiohttp.ClientSession,
+    failure: str,
+) -> None:
+    fake, proxy = primaerp_proxy
+
+    async def expired_then_failing() -> None:
+        auth = proxy.state.routes["/primaerp"].auth
+        await wait_until(lambda: auth.status()["state"] != "valid", 3, what="expiry")
+        fake.state.token_failure = failure
+
+    url = proxy.url + "/primaerp/me"
+    async with client.get(url) as resp:
+        assert resp.status == 200
+    await expired_then_failing()
+    before = fake.state.token_requests + fake.state.refresh_requests
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.get(url) as resp:
+        status, body = resp.status, await resp.json()
+    waited = loop.time() - started
+    assert status == 502 and body["error"]["code"] == "auth_failed", body
+    assert "refresh endpoint" in body["error"]["message"]
+    calls = fake.state.token_requests + fake.state.refresh_requests - before
+    assert calls == 1  # the refresh only: no login after it
+    assert waited < 1.5 + 1.0, waited  # one token timeout, not two
+    async with client.get(url) as resp:  # the failure started the backoff
+        assert resp.status == 503
+
+
+async def test_a_refused_refresh_falls_back_to_a_login_at_once(
+    primaerp_proxy: tuple[SeedFake[PrimaerpState], RunningProxy],
+    client: aiohttp.ClientSession,
+) -> None:
+    fake, proxy = primaerp_proxy
+    url = proxy.url + "/primaerp/me"
+    async with client.get(url) as resp:
+        assert resp.status == 200
+    auth = proxy.state.routes["/primaerp"].auth
+    await wait_until(lambda: auth.status()["state"] != "valid", 3, what="expiry")
+    fake.state.fail_refresh = True  # 401 "Invalid refresh token"
+    before = fake.state.token_requests + fake.state.refresh_requests
+    async with client.get(url) as resp:
+        assert resp.status == 200
+    calls = fake.state.token_requests + fake.state.refresh_requests - before
+    assert calls == 2  # the refused refresh, then a login
+
+
+async def test_a_trickling_token_endpoint_gets_one_total_deadline(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    """A byte every 0.2 s never trips a silence timeout: only the total deadline
+    (connect + read = 1.5 s here) ends the token request."""
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                await resp.write(b" ")
+                await asyncio.sleep(0.2)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/token", trickle)
+    async with await serve(app) as endpoint:
+        proxy = await start_proxy(
+            {
+                "upstreams": {
+                    "t": {
+                        "url": endpoint.url,
+                        "timeout": {"connect": 0.5, "read": 1},
+                        "auth": {
+                            "type": "oauth2_client_credentials",
+                            "token_url": endpoint.url + "/token",
+                            "client_id": "me",
+                            "client_secret": "${S}",
+                        },
+                    }
+                }
+            },
+            env={"S": "trickle-secret-1"},
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with client.get(proxy.url + "/t/x") as resp:
+            assert resp.status == 502
+            assert "timed out" in (await resp.json())["error"]["message"]
+        assert 1.4 < loop.time() - started < 2.5
+
+
+@pytest.mark.parametrize(
+    ("limits", "total"),
+    [({}, 30.0), ({"connect": 2, "read": 5}, 7.0), ({"connect": 40, "read": 1}, 30.0)],
+)
+async def test_the_token_timeout_is_connect_plus_read_at_most_30_s(
+    limits: dict[str, float], total: float
+) -> None:
+    from proxy.auth import build_authenticator
+    from proxy.config import parse_config
+
+    config = parse_config(
+        {
+            "upstreams": {
+                "t": {
+                    "url": "http://127.0.0.1:9",
+                    "timeout": limits,
+                    "auth": {"type": "paymo_session", "api_key": "${K}"},
+                }
+            }
+        },
+        env={"K": "paymo-key-77"},
+    )
+    async with aiohttp.ClientSession() as session:
+        auth: Any = build_authenticator("t", config.upstreams["t"], session, True, frozenset())
+        assert auth.flow.http.timeout.total == total
