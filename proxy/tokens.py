@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,11 +166,13 @@ class TokenManager:
     def _check_backoff(self) -> None:
         remaining = self._backoff_until - self._clock()
         if remaining > 0:
+            # Whole seconds, rounded up: the message says what Retry-After says.
+            seconds = max(1, math.ceil(remaining))
             raise AuthBackoff(
-                f"token endpoint for {self.upstream} is failing; retrying in {remaining:.1f}s"
+                f"token endpoint for {self.upstream} is failing; retrying in {seconds} s"
                 + (f" (last error: {self.last_error})" if self.last_error else ""),
                 self.upstream,
-                retry_after=remaining,
+                retry_after=seconds,
             )
 
     async def _fetch(self, reason: str) -> Token:

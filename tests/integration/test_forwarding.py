@@ -924,3 +924,33 @@ async def test_a_trickling_small_body_reaches_the_client_in_pieces(
     assert head_after < 0.4, head_after
     assert len(arrivals) >= 3, arrivals
     assert arrivals[0][0] < 1.2, arrivals
+
+
+# -- a #fragment in the request target (never sent upstream) --------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/e/x?a=1#frag", f"/base/x?a=1&{QUERY_ENCODED}"),
+        ("/e/x#frag", f"/base/x?{QUERY_ENCODED}"),
+        ("/e/x#frag?b=2", f"/base/x?{QUERY_ENCODED}"),
+    ],
+)
+async def test_a_fragment_is_cut_before_the_query_credential_is_added(
+    start_proxy: StartProxy, echo: Echo, target: str, expected: str
+) -> None:
+    proxy = await start_proxy(
+        {"upstreams": {"e": {"url": echo.url + "/base", "auth": QUERY_AUTH}}},
+        env=SECRETS_ENV,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    (seen,) = echo.state.requests
+    assert seen.raw_path == expected

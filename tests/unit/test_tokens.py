@@ -181,3 +181,18 @@ async def test_status_states() -> None:
 def test_token_repr_hides_secrets() -> None:
     token = Token("secret-value", 0.0, 1.0, 0.5, "refresh-secret")
     assert "secret" not in repr(token)
+
+
+@pytest.mark.parametrize(("left", "seconds"), [(0.95, 1), (0.05, 1), (1.2, 2), (3.0, 3)])
+async def test_backoff_message_and_retry_after_agree(left: float, seconds: int) -> None:
+    """Whole seconds, rounded up, in both (a message saying 0.0s beside Retry-After: 1
+    was what users saw)."""
+    tm, source, clock = manager()
+    source.fail = AuthFailed("down", "up", 500, retry_after=3.0)
+    with pytest.raises(AuthFailed):
+        await tm.get()
+    clock.now += 3.0 - left
+    with pytest.raises(AuthBackoff) as info:
+        await tm.get()
+    assert info.value.headers()["Retry-After"] == str(seconds)
+    assert f"retrying in {seconds} s" in info.value.message
