@@ -299,15 +299,33 @@ async def test_a_killed_worker_is_replaced_with_a_back_off_when_they_keep_dying(
     await stop(r)
 
 
-async def test_sighup_is_passed_on_and_stops_nobody(spawn, echo, session) -> None:
-    r = await ready(spawn(config_for(echo.url), "--workers", "2"), 2)
+async def test_sighup_reloads_every_worker_and_stops_nobody(spawn, echo, tmp_path: Path) -> None:
+    """SPEC §9 with workers: the supervisor passes SIGHUP on; each worker reloads."""
+    config = config_for(echo.url)
+    r = await ready(spawn(config, "--workers", "2"), 2)
     workers = r.workers()
+    config["upstreams"]["added"] = {"url": echo.url, "prefix": "/added"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     r.proc.send_signal(signal.SIGHUP)
-    await asyncio.sleep(0.5)  # give a wrongly dying worker the time to die
-    assert r.proc.poll() is None
-    assert r.workers() == workers and all(alive(pid) for pid in workers)
-    async with session.get(r.url + "/echo/after-hup") as resp:
-        assert resp.status == 200
+    await until(lambda: len(r.events("config_reloaded")) >= 2, "both workers reloaded")
+    assert all(e["added"] == ["added"] for e in r.events("config_reloaded"))
+    assert r.proc.poll() is None and r.workers() == workers  # nobody stopped or restarted
+
+    async def added_route() -> int:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s,
+            s.get(r.url + "/-/status") as status,
+        ):
+            pid = int((await status.json())["pid"])
+            async with s.get(r.url + "/added/echo/x") as resp:
+                assert resp.status == 200, await resp.text()
+            return pid
+
+    seen: set[int] = set()
+    deadline = time.monotonic() + START_S
+    while seen != workers and time.monotonic() < deadline:
+        seen |= set(await asyncio.gather(*(added_route() for _ in range(10))))
+    assert seen == workers
     await stop(r)
 
 
