@@ -71,15 +71,15 @@ def sort_prefixes(prefixes: Iterable[str]) -> list[str]:
 
 
 def split_target(raw_target: str) -> tuple[str, str]:
-    """Split an origin-form request target into raw path and raw query, without
-    any `#fragment` (clients do not send one; a raw one must not hide what follows)."""
+    """Split an origin-form request target into raw path and raw query. A `#fragment`
+    after the query is dropped (one in the path is refused by `check_remainder`)."""
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         # Absolute-form (`http://host/...`), authority-form (`host:443`),
         # asterisk-form, or a network-path reference: never forwarded.
         raise BadRequest("request target must be a path (origin-form)")
-    if "#" in raw_target:  # a fragment is never sent on (and a credential never after it)
-        raw_target = raw_target.partition("#")[0]
     path, _, query = raw_target.partition("?")
+    if "#" in query:  # a fragment is never sent on, and must not hide what is appended
+        query = query.partition("#")[0]
     return path, query
 
 

@@ -933,8 +933,8 @@ async def test_a_trickling_small_body_reaches_the_client_in_pieces(
     ("target", "expected"),
     [
         ("/e/x?a=1#frag", f"/base/x?a=1&{QUERY_ENCODED}"),
-        ("/e/x#frag", f"/base/x?{QUERY_ENCODED}"),
-        ("/e/x#frag?b=2", f"/base/x?{QUERY_ENCODED}"),
+        ("/e/x?#frag", f"/base/x?{QUERY_ENCODED}"),
+        ("/e/x?a=1&b=2#frag?c=3", f"/base/x?a=1&b=2&{QUERY_ENCODED}"),
     ],
 )
 async def test_a_fragment_is_cut_before_the_query_credential_is_added(
