@@ -327,12 +327,13 @@ async def _send(
         return await client.send(route.endpoint, method, target, headers, body)
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {route.name} did not answer in time", route.name) from None
-    except OutboundError as exc:  # its message is written for a person
-        raise UpstreamUnreachable(f"upstream {route.name}: {exc}", route.name) from None
     except OSError as exc:  # ConnectionError and friends
-        raise UpstreamUnreachable(
-            f"upstream {route.name} unreachable ({type(exc).__name__})", route.name
-        ) from None
+        if isinstance(exc, OutboundError):  # its message is written for a person
+            message = f"upstream {route.name}: {exc}"
+        else:
+            message = f"upstream {route.name} unreachable ({type(exc).__name__})"
+        log.warning("upstream_unreachable", upstream=route.name, error=message)
+        raise UpstreamUnreachable(message, route.name) from None
 
 
 async def _stream_back(

@@ -86,6 +86,7 @@ from proxy.connector import (
     proxy_reply_error,
     proxy_unreachable,
 )
+from proxy.failures import explain
 from proxy.upstream import Body, Endpoint
 
 __all__ = ["LeanUpstreamClient", "Upgraded", "UpstreamConnectionError"]
@@ -113,6 +114,11 @@ class UpstreamConnectionError(ConnectionError):
 class MalformedResponse(UpstreamConnectionError, OutboundError):
     """The upstream's answer broke a rule or a limit; the message (ours) says which,
     and the client's 502 shows it."""
+
+
+class ConnectionFailed(UpstreamConnectionError, OutboundError):
+    """Refused, reset, a DNS or TLS failure, closed without an answer: the message
+    (proxy.failures) says which, and the client's 502 shows it."""
 
 
 class _StaleConnection(UpstreamConnectionError):
@@ -337,10 +343,17 @@ class _Conn(asyncio.Protocol):
                 self._error(demanded)
             elif not self._got_bytes and self.reused:
                 self._error(_StaleConnection("reused connection closed before any response"))
-            elif self._fut is not None:
-                self._error(UpstreamConnectionError("upstream closed the connection early"))
             else:
-                self._error(UpstreamConnectionError("upstream closed the connection mid-body"))
+                dest = self.dest
+                where = "before its answer" if self._fut is not None else "mid-body"
+                why = explain(exc, dest.host, dest.port) if exc is not None else None
+                self._error(
+                    ConnectionFailed(
+                        f"{why} {where}"
+                        if why
+                        else f"{dest.host}:{dest.port} closed the connection {where}"
+                    )
+                )
         lost = self._lost
         if lost is not None and not lost.done():
             lost.set_result(None)
@@ -376,7 +389,7 @@ class _Conn(asyncio.Protocol):
             if self._complete:  # garbage after a complete response
                 self._keep_alive = False
             else:
-                self._error(MalformedResponse(f"malformed response: {exc}"))
+                self._error(MalformedResponse(f"malformed answer ({exc})"))
                 return
         if in_head:
             if self._over is None and self._fut is not None:
@@ -384,7 +397,7 @@ class _Conn(asyncio.Protocol):
                 if self._head_bytes > MAX_HEAD:
                     self._over = f"response head over {MAX_HEAD} bytes"
             if self._over is not None:
-                self._error(MalformedResponse(f"malformed response: {self._over}"))
+                self._error(MalformedResponse(f"malformed answer ({self._over})"))
                 return
         if self._complete:
             self._finish()
@@ -958,10 +971,11 @@ class LeanUpstreamClient:
             if isinstance(exc, TimeoutError):
                 raise TimeoutError(f"connect to {dest.host}:{dest.port} timed out") from None
             if isinstance(exc, OSError):
-                reason = exc.strerror or type(exc).__name__
-                raise UpstreamConnectionError(
-                    f"cannot connect to {dest.host}:{dest.port} ({reason})"
-                ) from None
+                why = explain(exc, dest.host, dest.port)
+                if why is None:
+                    reason = exc.strerror or type(exc).__name__
+                    why = f"cannot connect to {dest.host}:{dest.port} ({reason})"
+                raise ConnectionFailed(why) from None
             raise
         if conn.closed or self._closed or conn.transport is None:
             # Closed while the handshake finished (server hung up, or client.close()).
@@ -969,7 +983,7 @@ class LeanUpstreamClient:
             dest.open -= 1
             self._wake_one()
             conn.abort(None)
-            raise UpstreamConnectionError(f"connection to {dest.host}:{dest.port} closed at once")
+            raise ConnectionFailed(f"{dest.host}:{dest.port} closed the connection at once")
         conn.registered = True
         self._conns.add(conn)
         return conn

@@ -32,6 +32,7 @@ from proxy.connector import (
     proxy_unreachable,
 )
 from proxy.errors import AuthBackoff, AuthFailed
+from proxy.failures import explain
 from proxy.tokens import Grant, TokenManager
 
 log = structlog.get_logger("authproxy.auth")
@@ -142,15 +143,34 @@ class TokenHttp:
             reason = exc.strerror or type(exc.os_error).__name__
             raise _egress_failed(proxy_unreachable(egress, reason), what, self) from None
         except aiohttp.ClientError as exc:
-            raise AuthFailed(
-                f"{what} for {self.upstream} unreachable ({type(exc).__name__})", self.upstream
-            ) from None
+            why = _explain(exc, url)
+            if why is None:
+                raise AuthFailed(
+                    f"{what} for {self.upstream} unreachable ({type(exc).__name__})",
+                    self.upstream,
+                ) from None
+            raise AuthFailed(f"{what} for {self.upstream} failed: {why}", self.upstream) from None
 
     def scrub(self, text: str) -> str:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "REDACTED")
         return text
+
+
+def _explain(exc: aiohttp.ClientError, url: str) -> str | None:
+    """What failed (proxy.failures), in the words the upstream client uses too."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    why = explain(exc, host, port)
+    if why is not None:
+        return why
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return f"malformed answer from {host}:{port} ({type(exc).__name__})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{host}:{port} closed the connection before its answer"
+    return None
 
 
 def _egress_failed(exc: EgressError, what: str, http: TokenHttp) -> AuthFailed:
