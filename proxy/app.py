@@ -31,17 +31,30 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy.browsers import (
+    allowed_origin,
+    overridden_method,
+    preflight_headers,
+    with_cors,
+)
 from proxy.config import Config
 from proxy.errors import (
     HostNotAllowed,
     MethodNotAllowed,
     NoRoute,
-    OriginNotAllowed,
     ProxyAuthRequired,
     ProxyError,
     ShuttingDown,
 )
-from proxy.forwarding import Progress, Route, build_route, describe, forward, new_token_session
+from proxy.forwarding import (
+    CORS_ORIGIN,
+    Progress,
+    Route,
+    build_route,
+    describe,
+    forward,
+    new_token_session,
+)
 from proxy.httpserver import MAX_FIELD, MAX_HEADERS, MAX_LINE, ProxyServer, new_request_id
 from proxy.leanclient import LeanUpstreamClient
 from proxy.logs import ACCESS, REDACTOR
@@ -170,11 +183,10 @@ def _check_guards(proxy: Proxy, request: web.BaseRequest) -> None:
         host = headers.get("Host")
         if host is None or _host_of(host) not in proxy.allowed_hosts:
             raise HostNotAllowed("Host header is not in allowed_hosts")
-    origin = headers.get("Origin")
-    if origin is not None and origin not in proxy.allowed_origins:
-        raise OriginNotAllowed("requests from browsers on other origins are refused")
-    if headers.get("Sec-Fetch-Site") == "cross-site":
-        raise OriginNotAllowed("cross-site browser requests are refused")
+    if "Origin" in headers or "Sec-Fetch-Site" in headers:
+        origin = allowed_origin(headers, proxy.allowed_origins)
+        if origin is not None:
+            request[CORS_ORIGIN] = origin
 
 
 def _check_inbound_token(proxy: Proxy, request: web.BaseRequest) -> None:
@@ -203,10 +215,13 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
         try:
             _check_guards(proxy, request)
             path, query = split_target(raw_target)
-            if path.startswith(ADMIN_PREFIX):
+            preflight = _preflight(proxy, request, path) if CORS_ORIGIN in request else None
+            if preflight is not None:
+                response: web.StreamResponse = preflight
+            elif path.startswith(ADMIN_PREFIX):
                 if path not in UNGUARDED_ADMIN:
                     _check_inbound_token(proxy, request)
-                response: web.StreamResponse = _admin(proxy, request, path)
+                response = _admin(proxy, request, path)
             else:
                 _check_inbound_token(proxy, request)
                 matched = match_prefix(proxy.prefixes, path)
@@ -217,12 +232,8 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
                     )
                 route = proxy.routes[matched[0]]
                 remainder = matched[1]
-                if route.allow_methods is not None and request.method not in route.allow_methods:
-                    raise MethodNotAllowed(
-                        f"{request.method} is not allowed on {route.prefix}",
-                        route.name,
-                        tuple(sorted(route.allow_methods)),
-                    )
+                if route.allow_methods is not None:
+                    _check_method(route, request, query)
                 if request.method in NEVER_FORWARDED:
                     raise MethodNotAllowed(
                         f"{request.method} is never forwarded", route.name, FORWARDABLE
@@ -276,6 +287,10 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
             error = refused.code
             response = _error_response(refused, request_id)
             response.force_close()
+        cors = request.get(CORS_ORIGIN)
+        # Our own answers to a listed origin are readable by its page too.
+        if cors and not response.prepared and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers.extend(with_cors([], cors))
         if not progress.status:  # a whole answer, not yet sent: count it as it goes out
             progress.status = response.status
             body = getattr(response, "body", None)
@@ -314,6 +329,33 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
             aborted,
             progress.sent_up,
         )
+
+
+def _check_method(route: Route, request: web.BaseRequest, query: str) -> None:
+    """A read-only route: the method, and any override a framework would obey (SPEC §4)."""
+    allowed = route.allow_methods
+    assert allowed is not None
+    method = request.method
+    if method in allowed:
+        override = overridden_method(request.headers, query)
+        if override is None or override in allowed:
+            return
+        method = f"{override} (as a method override)"
+    raise MethodNotAllowed(
+        f"{method} is not allowed on {route.prefix}", route.name, tuple(sorted(allowed))
+    )
+
+
+def _preflight(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response | None:
+    """A CORS preflight from a listed origin, answered here (it carries no credential
+    and is never forwarded): the methods the route allows."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    matched = match_prefix(proxy.prefixes, path)
+    route = proxy.routes[matched[0]] if matched is not None else None
+    methods = sorted(route.allow_methods) if route and route.allow_methods else FORWARDABLE
+    headers = preflight_headers(request[CORS_ORIGIN], request.headers, methods)
+    return web.Response(status=204, headers=headers)
 
 
 def _cut_short() -> bool:

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.browsers import normalize_origin
 from proxy.connector import (
     Egress,
     EgressProxy,
@@ -593,6 +594,21 @@ class Config(Strict):
     _proxy_env: ProxyEnv = PrivateAttr(default=ProxyEnv())
     # Every path a `${file:...}` named, for `watch` (SPEC §9).
     _files: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        """Entries are `scheme://host[:port]`, kept normalised (lower case, no default
+        port) so the per-request check is one set lookup; `*` would undo the defence."""
+        normal = []
+        for entry in value:
+            origin = normalize_origin(entry) if entry != "*" else None
+            if origin is None:
+                raise ValueError(
+                    f"{entry!r} is not an origin: use scheme://host[:port] (no path, no *)"
+                )
+            normal.append(origin)
+        return normal
 
     @field_validator("event_loop")
     @classmethod

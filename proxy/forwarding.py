@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from proxy.auth import Authenticator, Credential, build_authenticator
+from proxy.browsers import with_cors
 from proxy.config import Config, Upstream
 from proxy.connector import OutboundError
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
@@ -37,6 +38,9 @@ from proxy.tokens import TokenStore
 from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger("authproxy.forwarding")
+
+# Where the guards leave a listed browser origin, for the response's CORS headers.
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
 
 # Bodies up to this size that arrived whole with the headers go out in the same write.
 SMALL_BODY = 64 * 1024
@@ -359,6 +363,9 @@ async def _stream_back(
         out_headers.append((key, value))
     if not has_id:
         out_headers.append(("X-Request-ID", request_id))
+    cors = request.get(CORS_ORIGIN)
+    if cors is not None:
+        out_headers = with_cors(out_headers, cors)
     if 0 <= length <= SMALL_BODY and request.method != "HEAD" and resp.status not in NO_BODY:
         whole = resp.complete_body()
         if whole is not None:  # it came with the headers: head and body in one write

@@ -316,7 +316,17 @@ async def test_allowed_hosts_setting(
             403,
             id="cross-site-no-cors-post",
         ),
-        pytest.param("GET", {"Sec-Fetch-Site": "same-origin"}, 200, id="same-origin"),
+        # A page served through the proxy itself: its origin is not listed (SPEC §4).
+        pytest.param("GET", {"Sec-Fetch-Site": "same-origin"}, 403, id="same-origin"),
+        # A page on another localhost port, an <img> tag: no Origin (finding 8).
+        pytest.param("GET", {"Sec-Fetch-Site": "same-site"}, 403, id="same-site-no-origin"),
+        pytest.param(
+            "GET",
+            {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"},
+            403,
+            id="same-site-img",
+        ),
+        pytest.param("GET", {"Sec-Fetch-Site": "bogus"}, 403, id="unknown-site-value"),
         pytest.param("GET", {"Sec-Fetch-Site": "none"}, 200, id="user-initiated"),
         pytest.param("GET", {}, 200, id="no-browser-headers"),
     ],
@@ -377,9 +387,11 @@ async def test_cors_preflight_from_a_foreign_origin_is_refused(
         pytest.param({"Origin": "null"}, 403, id="null"),
         pytest.param(
             {"Origin": "http://localhost:3000", "Sec-Fetch-Site": "cross-site"},
-            403,
-            id="listed-but-cross-site",
+            200,
+            id="listed-and-cross-site",
         ),
+        pytest.param({"Origin": "HTTP://LOCALHOST:3000"}, 200, id="listed-upper-case"),
+        pytest.param({"Sec-Fetch-Site": "same-site"}, 403, id="same-site-without-origin"),
     ],
 )
 async def test_allowed_origins_admits_exactly_the_listed_origin(
@@ -399,6 +411,98 @@ async def test_allowed_origins_admits_exactly_the_listed_origin(
     else:
         record = forwarded_once(echo, "POST", BASE + "/x")
         assert record.body_len == len(b"payload")
+
+
+async def test_a_listed_origin_gets_cors_answers_and_headers(
+    start_proxy: StartProxy, echo: Echo, client: aiohttp.ClientSession
+) -> None:
+    origin = "http://localhost:3000"
+    proxy = await echo_proxy(
+        start_proxy,
+        echo,
+        route={"allow_methods": ["GET", "HEAD"]},
+        allowed_origins=["http://LOCALHOST:3000/".rstrip("/")],
+    )
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "x-custom",
+        "Sec-Fetch-Site": "same-site",
+    }
+    async with client.options(proxy.url + "/e/x", headers=preflight) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == origin
+        assert resp.headers["Access-Control-Allow-Methods"] == "GET, HEAD"
+        assert resp.headers["Access-Control-Allow-Headers"] == "x-custom"
+        assert resp.headers["Vary"] == "Origin"
+    assert echo.state.requests == []  # answered by the proxy, never forwarded
+    headers = {"Origin": origin, "Sec-Fetch-Site": "same-site"}
+    async with client.get(proxy.url + "/e/x", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers.getall("Access-Control-Allow-Origin") == [origin]
+        assert "Origin" in resp.headers.getall("Vary")
+    async with client.post(proxy.url + "/e/x", headers=headers) as resp:
+        assert resp.status == 405  # the proxy's own answer is readable by the page too
+        assert resp.headers["Access-Control-Allow-Origin"] == origin
+    forwarded_once(echo, "GET", BASE + "/x")
+
+
+async def test_same_origin_without_origin_counts_as_the_proxys_own(
+    start_proxy: StartProxy, echo: Echo, client: aiohttp.ClientSession
+) -> None:
+    """A docs page served through the proxy calls it: listing the proxy's origin
+    (`http://` + Host) lets it; nothing else does."""
+    port = free_port()
+    proxy = await echo_proxy(
+        start_proxy, echo, listen={"port": port}, allowed_origins=[f"http://localhost:{port}"]
+    )
+    same = {"Sec-Fetch-Site": "same-origin"}
+    async with client.get(proxy.url + "/e/x", headers={**same, "Host": f"localhost:{port}"}) as r:
+        assert r.status == 200
+    async with client.get(proxy.url + "/e/x", headers={**same, "Host": "127.0.0.1"}) as r:
+        assert r.status == 403
+    forwarded_once(echo, "GET", BASE + "/x")
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "expected"),
+    [
+        pytest.param(
+            "/e/x", {"X-HTTP-Method-Override": "DELETE"}, 405, id="x-http-method-override"
+        ),
+        pytest.param("/e/x", {"X-HTTP-Method": "PUT"}, 405, id="x-http-method"),
+        pytest.param("/e/x", {"X-Method-Override": "post"}, 405, id="x-method-override"),
+        pytest.param("/e/x?_method=DELETE", {}, 405, id="query"),
+        pytest.param("/e/x?a=1&_method=delete", {}, 405, id="query-lower-case"),
+        pytest.param("/e/x?%5fmethod=PATCH", {}, 405, id="query-encoded-name"),
+        pytest.param("/e/x", {"X-HTTP-Method-Override": "GET"}, 200, id="override-to-allowed"),
+        pytest.param("/e/x?_methods=DELETE", {}, 200, id="other-parameter"),
+    ],
+)
+async def test_method_overrides_on_a_read_only_route(
+    start_proxy: StartProxy,
+    echo: Echo,
+    client: aiohttp.ClientSession,
+    target: str,
+    headers: dict[str, str],
+    expected: int,
+) -> None:
+    proxy = await echo_proxy(start_proxy, echo, route={"allow_methods": ["GET", "HEAD"]})
+    async with client.get(proxy.url + target, headers=headers) as resp:
+        assert resp.status == expected
+        if expected == 405:
+            assert await error_code_of(resp) == "method_not_allowed"
+            assert resp.headers["Allow"] == "GET, HEAD"
+    assert len(echo.state.requests) == (1 if expected == 200 else 0)
+
+
+async def test_method_overrides_pass_where_every_method_is_allowed(
+    start_proxy: StartProxy, echo: Echo, client: aiohttp.ClientSession
+) -> None:
+    proxy = await echo_proxy(start_proxy, echo)
+    async with client.get(proxy.url + "/e/x?_method=DELETE") as resp:
+        assert resp.status == 200
+    forwarded_once(echo, "GET", BASE + "/x?_method=DELETE")
 
 
 # == 3. Path and request-target safety =========================================

@@ -353,3 +353,10 @@ def test_insecure_token_url_problem_never_shows_a_password() -> None:
     # Credentials in a URL are refused outright, and the problem never repeats them.
     assert any("user:password@" in p for p in problems), problems
     assert all("url-pass-3456" not in p for p in problems), problems
+
+
+@pytest.mark.parametrize("entry", ["*", "http://localhost:3000/app", "localhost:3000", "ftp://x"])
+def test_allowed_origins_entries_must_be_origins(entry: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"allowed_origins": [entry], "upstreams": {"e": {"url": "http://x"}}})
+    assert "allowed_origins" in str(caught.value)
