@@ -62,7 +62,7 @@ from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
 from proxy.tokens import TokenStore
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Endpoint, UpstreamClient
 from proxy.websocket import Relays, forward_websocket, wants_websocket
 
 log = structlog.get_logger("authproxy")
@@ -126,6 +126,9 @@ class ProxyState:
     closing: bool = False  # the drain is over: replaced tokens log out without waiting
     last_reload_error: str | None = None
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    # Every Endpoint built so far, by value: a reload reuses the equal one, so the
+    # upstream client's pools and per-Endpoint entries do not grow with each reload.
+    endpoints: dict[Endpoint, Endpoint] = field(default_factory=dict)
     relays: Relays = field(init=False)  # open WebSocket relays, for the shutdown to cut
 
     def __post_init__(self) -> None:
@@ -456,6 +459,7 @@ def build_proxy(
             state.store,
             previous=old.get(name),
             keep_token=name in keep_tokens,
+            endpoints=state.endpoints,
         )
         routes[route.prefix] = route
         if not upstream.tls.verify:

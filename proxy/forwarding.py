@@ -100,10 +100,12 @@ def build_route(
     store: TokenStore | None = None,
     previous: Route | None = None,
     keep_token: bool = False,
+    endpoints: dict[Endpoint, Endpoint] | None = None,
 ) -> Route:
     """`previous`: this upstream's route in the configuration being replaced (a reload);
-    its TLS context and endpoint are reused when unchanged, and with `keep_token` its
-    token manager too (the caller has compared the auth identities)."""
+    its TLS context is reused when unchanged, and with `keep_token` its token manager
+    too (the caller has compared the auth identities). `endpoints` interns Endpoints
+    across reloads: the upstream client keeps its pools and per-Endpoint state by them."""
     tls = _tls_key(upstream)
     if previous is not None and previous.tls == tls:
         ssl_ctx = previous.endpoint.ssl  # a context loads its CA file once
@@ -131,8 +133,8 @@ def build_route(
         pool_size=upstream.pool_size or math.ceil(config.pool_size / len(config.upstreams)),
         route=name,
     )
-    if previous is not None and previous.endpoint == endpoint:
-        endpoint = previous.endpoint  # the upstream client keeps its pool per Endpoint
+    if endpoints is not None:
+        endpoint = endpoints.setdefault(endpoint, endpoint)
     return Route(
         name=name,
         prefix=config.prefix_of(name),

@@ -122,16 +122,25 @@ async def test_reloading_every_half_second_under_load_loses_nothing(
     try:
         async with aiohttp.ClientSession() as session:
             workers = [asyncio.create_task(load(session, n)) for n in range(CLIENTS)]
-            await asyncio.sleep(1.0)  # warm: tokens fetched, connections pooled
-            tasks_before, files_before = len(asyncio.all_tasks()), open_files()
-            started = time.monotonic()
-            while time.monotonic() - started < SOAK_SECONDS:
+
+            async def reload_next() -> None:
+                nonlocal reloads
                 await asyncio.sleep(RELOAD_EVERY)
                 reloads += 1
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(second if reloads % 2 else first)
                 tmp.replace(path)
                 reloader.request("signal")
+
+            # Warm: tokens fetched, and each file's connection pools filled once (the
+            # files' per-upstream pool sizes differ, so each has pools of its own).
+            for _ in range(2):
+                await reload_next()
+            await asyncio.sleep(RELOAD_EVERY)
+            tasks_before, files_before = len(asyncio.all_tasks()), open_files()
+            started = time.monotonic()
+            while time.monotonic() - started < SOAK_SECONDS:
+                await reload_next()
             await reloader.reload("signal")  # the last one is over before we count
             await asyncio.sleep(0.5)
             tasks_after, files_after = len(asyncio.all_tasks()), open_files()
@@ -139,6 +148,7 @@ async def test_reloading_every_half_second_under_load_loses_nothing(
             await asyncio.gather(*workers)
         versions = {rec.header("X-Version") or "" for rec in echo.state.requests}
         metrics = runner.proxy.metrics.reloads
+        endpoints = len(runner.proxy.state.endpoints)
     finally:
         await runner.stop()
         configure_logging("debug", "json")  # the reloads set the level; restore the suite's
@@ -154,6 +164,7 @@ async def test_reloading_every_half_second_under_load_loses_nothing(
     assert versions == {"a", "b"}
     assert tasks_after <= tasks_before + 2
     assert files_after <= files_before + 2
+    assert endpoints == 2 * 3 + 1  # one per upstream and file, however many reloads
     # One credential per upstream across every reload: one token request each.
     assert didomi.state.token_requests == 1
     assert paymo.state.token_requests == 1
