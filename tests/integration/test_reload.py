@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -479,3 +480,75 @@ async def test_watch_retries_a_file_that_vanished_mid_swap_without_a_log_loop(
     assert (await proxy.get(client, "/echo/x"))[0] == 200
     assert echo.state.requests[-1].header("X-Key") == NEW_KEY
     proxy.assert_no_leaks(OLD_KEY, NEW_KEY)
+
+
+async def test_a_replaced_session_waits_at_most_shutdown_timeout(
+    tmp_path: Path,
+    launch: Any,
+    paymo: SeedFake[PaymoState],
+    echo: Any,
+    client: aiohttp.ClientSession,
+) -> None:
+    """A request that outlives `shutdown_timeout` does not keep the old session alive."""
+    key = tmp_path / "paymo-key"
+    key.write_text(OLD_KEY)
+    login = {"url": paymo.url + "/sessions", "basic": {"username": f"${{file:{key}}}"}}
+    config = {
+        "shutdown_timeout": 1,
+        "upstreams": {
+            "slow": {
+                "url": echo.url,
+                "auth": {
+                    "type": "login",
+                    "request": login,
+                    "token": "sessions.0.id",
+                    "logout": {"method": "DELETE", "url": paymo.url + "/sessions/{token}"},
+                    "inject": {"header": "X-Session", "value": "{token}"},
+                },
+            }
+        },
+    }
+    proxy = await launch(config)
+    pending = asyncio.create_task(proxy.get(client, "/slow/slow?seconds=4"))
+    deadline = time.monotonic() + 5
+    while echo.state.in_flight < 1:
+        assert time.monotonic() < deadline, "the request never reached the upstream"
+        await asyncio.sleep(0.01)
+    paymo.state.api_key = NEW_KEY
+    key.write_text(NEW_KEY)
+    reloaded = time.monotonic()
+    assert (await proxy.reload(config))["changed"] == ["slow"]
+    await proxy.wait_for("token_logout", deadline_s=3)
+    assert time.monotonic() - reloaded < 3 and not pending.done()
+    assert paymo.state.logout_requests == 1
+    assert (await pending)[0] == 200
+    proxy.assert_no_leaks(OLD_KEY, NEW_KEY)
+
+
+async def test_watch_loads_a_rotated_ca_file(
+    tmp_path: Path, launch: Any, client: aiohttp.ClientSession
+) -> None:
+    """cert-manager rotates the upstream's CA: the new `ca_file` is trusted, without a
+    signal, for the connections made from then on."""
+    from tests.integration.egress_kit import make_pki, recording_upstream
+
+    old_ca, new_ca = make_pki(tmp_path / "old", "Old CA"), make_pki(tmp_path / "new", "New CA")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(*old_ca.issue("server", dns=("localhost",), ips=("127.0.0.1",)))
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(old_ca.ca_file.read_bytes())
+    async with recording_upstream(server) as upstream:
+        tls = {"ca_file": str(ca_file)}
+        proxy = await launch(
+            {"watch": True, "upstreams": {"api": {"url": upstream.url, "tls": tls}}}
+        )
+        assert (await proxy.get(client, "/api/x"))[0] == 200
+        ca_file.write_bytes(new_ca.ca_file.read_bytes())
+        await proxy.wait_for("config_reloaded", deadline_s=5)
+        # Trusting only the new CA now: the server's old certificate is refused...
+        status, body = await proxy.get(client, "/api/x")
+        assert status == 502 and body is not None, body
+        # ...and once the server presents its new one, it is accepted.
+        server.load_cert_chain(*new_ca.issue("server2", dns=("localhost",), ips=("127.0.0.1",)))
+        assert (await proxy.get(client, "/api/x"))[0] == 200
+        assert await proxy.stop() == 0
