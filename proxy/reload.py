@@ -53,7 +53,6 @@ RESTART_ONLY = (
     "token_store",
     "pool_size",
     "event_loop",
-    "upstream_client",
 )
 _APPLIES_LIVE = {"listen": {"require_token"}}
 
@@ -149,7 +148,6 @@ class Reloader:
         self._prints: dict[str, str | None] = {}
         self._failed_files: frozenset[str] = frozenset()
         self._background: set[asyncio.Task[None]] = set()
-        self.done = asyncio.Event()  # set after each reload attempt (tests, `reload()`)
         app.cleanup_ctx.append(self._lifecycle)
 
     async def _lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
@@ -194,7 +192,6 @@ class Reloader:
             except Exception:  # a bug of ours: never let it stop the process
                 log.exception("config_reload_failed", reason=next_reason)
                 self._count("failure")
-            self.done.set()
             next_reason = self._again
 
     # -- doing ------------------------------------------------------------------
@@ -327,7 +324,11 @@ class Reloader:
             await asyncio.sleep(WATCH_INTERVAL)
             if self._task is not None and not self._task.done():
                 continue  # a reload is running; it takes fresh hashes itself
-            prints = await asyncio.to_thread(fingerprint, self._prints.keys())
+            try:
+                prints = await asyncio.to_thread(fingerprint, list(self._prints))
+            except Exception:  # a bug of ours: say so once a poll, keep watching
+                log.exception("config_watch_failed")
+                continue
             changed = sorted(p for p, h in prints.items() if self._prints.get(p) != h)
             if changed:
                 log.info("config_change_detected", files=changed)
