@@ -16,8 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
-from proxy.fakes import PaymoState, SeedFake
+from proxy.fakes import PaymoState, SeedFake, serve
+from tests.conftest import StartProxy
 from tests.support import free_port, wait_until
 
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
@@ -168,7 +170,7 @@ async def test_health_answers_while_prefetch_hangs_and_sigterm_stops_at_once(
     proc, url, log = start_like_the_container(tmp_path, config)
     try:
         # Python's start-up is part of it; the prefetch never answers at all.
-        assert await wait_listening(url, proc, 5) < 5
+        assert await wait_listening(url, proc, 5) < 2.5  # ~0.4-0.8 s measured, idle
         deadline = time.monotonic() + 5
         while paymo.state.token_requests == 0:
             assert time.monotonic() < deadline, "the prefetch never started"
@@ -336,3 +338,55 @@ def test_stdout_closed_for_good_stops_gracefully(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert b"Traceback" not in errors.read_bytes(), errors.read_text()
+
+
+async def test_logouts_run_together_and_are_bounded_by_5_s(
+    start_proxy: StartProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two upstreams whose logout endpoint never answers (token timeout 30 s): the stop
+    still ends within 5 s, and both logouts were sent at once, not one after the other."""
+    logouts: list[float] = []
+
+    async def login(request: web.Request) -> web.Response:
+        return web.json_response({"token": f"tok-{request.match_info['who']}", "expires_in": 3600})
+
+    async def logout(request: web.Request) -> web.Response:
+        logouts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(60)
+        return web.json_response({})
+
+    async def resource(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/{who}/login", login)
+    app.router.add_delete("/{who}/logout", logout)
+    app.router.add_get("/{who}/x", resource)
+    async with await serve(app) as endpoint:
+
+        def upstream(who: str) -> dict[str, object]:
+            return {
+                "url": f"{endpoint.url}/{who}",
+                "timeout": {"connect": 10, "read": 60},  # token timeout: the 30 s cap
+                "auth": {
+                    "type": "login",
+                    "request": {"url": f"{endpoint.url}/{who}/login"},
+                    "token": "token",
+                    "expires_in": "expires_in",
+                    "logout": {"method": "DELETE", "url": f"{endpoint.url}/{who}/logout"},
+                },
+            }
+
+        proxy = await start_proxy({"upstreams": {"a": upstream("a"), "b": upstream("b")}})
+        async with aiohttp.ClientSession() as client:
+            for who in ("a", "b"):
+                async with client.get(f"{proxy.url}/{who}/x") as resp:
+                    assert resp.status == 200
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await proxy.stop()
+        stopped = loop.time() - started
+    assert 4.5 < stopped < 6.0, stopped
+    assert len(logouts) == 2 and logouts[1] - logouts[0] < 0.5, logouts
+    await asyncio.sleep(0)
+    assert "logout_timed_out" in capsys.readouterr().out

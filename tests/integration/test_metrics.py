@@ -90,3 +90,37 @@ async def test_ready_waits_for_prefetched_tokens(start_proxy, paymo, client) -> 
     proxy.state.shutting_down = True
     async with client.get(proxy.url + "/-/ready") as resp:
         assert resp.status == 503
+
+
+async def test_a_failed_prefetch_retries_on_the_backoff_schedule(
+    start_proxy, paymo, client
+) -> None:
+    """No client request needed: the prefetch tries again when its backoff ends, and
+    ready turns on once it has a token (and stays on)."""
+    paymo.state.token_failure = "500"
+    proxy = await start_proxy(
+        {
+            "upstreams": {
+                "paymo": {
+                    "url": paymo.url,
+                    "auth": {"type": "paymo_session", "api_key": "${K}", "prefetch": True},
+                }
+            }
+        },
+        env={"K": paymo.state.api_key},
+    )
+    await wait_until(lambda: paymo.state.token_requests == 1, 5, what="the prefetch")
+    paymo.state.token_failure = None
+
+    async def ready() -> bool:
+        async with client.get(proxy.url + "/-/ready") as resp:
+            return bool(resp.status == 200)
+
+    await wait_until(ready, 4, what="the retried prefetch (backoff 1 s)")
+    assert paymo.state.token_requests == 2
+    assert paymo.state.resource_requests == 0
+    paymo.state.token_failure = "500"
+    proxy.state.routes["/paymo"].auth.invalidate(  # a later failure...
+        await proxy.state.routes["/paymo"].auth.credential()
+    )
+    assert await ready()  # ...does not turn ready off
