@@ -360,3 +360,77 @@ def test_allowed_origins_entries_must_be_origins(entry: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"allowed_origins": [entry], "upstreams": {"e": {"url": "http://x"}}})
     assert "allowed_origins" in str(caught.value)
+
+
+# -- interpolation, pinned by the mutation run (tests/README.md) ---------------------------
+
+
+def test_interpolation_problems_name_their_path(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1"
+    latin1.write_bytes(b"caf\xe9")
+    raw = {
+        "allowed_hosts": ["localhost", "${HOST}"],
+        "upstreams": {
+            "api": {
+                "url": "https://api.example.com",
+                "headers": {"X-A": "${1BAD}", "X-B": "${OPEN"},
+                "auth": {"type": "header", "name": "X", "value": f"${{file:{latin1}}}"},
+            }
+        },
+    }
+    assert problems(raw) == [
+        "allowed_hosts.1: environment variable HOST is not set",
+        "upstreams.api.headers.X-A: bad reference ${1BAD}",
+        "upstreams.api.headers.X-B: unclosed ${ (write ${VAR}, ${VAR:-default} or ${file:/path})",
+        f"upstreams.api.auth.value: {latin1} is not UTF-8 (byte 3)",
+    ]
+
+
+def test_interpolation_in_lists_and_lower_case_names(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("no-newline-at-end")
+    config = parse_config(
+        {
+            "allowed_hosts": ["localhost", "${host_name}"],
+            "upstreams": {
+                "api": {
+                    "url": "https://api.example.com",
+                    "auth": {"type": "header", "name": "X", "value": f"${{file:{token}}}"},
+                }
+            },
+        },
+        env={"host_name": "proxy.internal"},
+    )
+    assert config.allowed_hosts == ["localhost", "proxy.internal"]
+    auth = config.upstreams["api"].auth
+    assert isinstance(auth, HeaderAuth)
+    assert auth.value.get_secret_value() == "no-newline-at-end"  # only a final \n goes
+
+
+def test_only_values_under_auth_become_secrets_for_redaction() -> None:
+    """Interpolated values under `auth` (even plain JSON bodies) are redacted from logs;
+    the rest (a URL from the environment, say) are not secrets."""
+    raw = {
+        "upstreams": {
+            "api": {
+                "url": "${UPSTREAM_URL}",
+                "headers": {"X-Tenant": "${TENANT}"},
+                "auth": {
+                    "type": "login",
+                    "request": {
+                        "url": "https://api.example.com/login",
+                        "json": {"user": "fixed-user", "secret": "${LOGIN_SECRET}"},
+                    },
+                    "token": "access_token",
+                },
+            }
+        }
+    }
+    env = {
+        "UPSTREAM_URL": "https://api.example.com/v1",
+        "TENANT": "tenant-42",
+        "LOGIN_SECRET": "login-secret-77",
+    }
+    secrets = parse_config(raw, env=env).secrets
+    assert "login-secret-77" in secrets
+    assert not {"https://api.example.com/v1", "tenant-42", "fixed-user"} & secrets

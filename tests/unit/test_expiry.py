@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import example, given
@@ -87,3 +90,44 @@ def test_dig() -> None:
     assert dig(doc, "a.b") == 0
     assert dig(doc, "a.b.c") is None
     assert dig([], "x") is None
+
+
+# -- pinned by the mutation run (tests/README.md) ------------------------------------------
+
+
+def test_expiry_errors_say_what_is_wrong() -> None:
+    """These messages reach the 502 a user reads ("... with an unreadable expiry: ...")."""
+    cases: list[tuple[Callable[[Any], float | None], object, str]] = [
+        (parse_expires_at, -5, "absolute expiry is not a positive finite number"),
+        (parse_expires_at, [], "absolute expiry is neither a number nor a string"),
+        (parse_expires_at, "soon", "absolute expiry is not ISO 8601, epoch or /Date(ms)/"),
+        (parse_expires_in, "soon", "expires_in is not a non-negative number of seconds"),
+        (jwt_expiry, _jwt({"exp": "banana"}), "the JWT's exp claim is not a number"),
+    ]
+    for parse, value, message in cases:
+        with pytest.raises(ExpiryError) as info:
+            parse(value)
+        assert str(info.value) == message
+
+
+def test_absolute_expiry_boundaries() -> None:
+    assert parse_expires_at(1) == 1.0  # positive: read (the manager then calls it expired)
+    assert parse_expires_at(0.5) == 0.5
+    assert parse_expires_at(1e11) == 1e11  # the threshold itself is still seconds
+    assert parse_expires_at(1e11 + 1) == pytest.approx(1e8)
+
+
+def test_naive_iso_times_are_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert parse_expires_at("2015-02-16T13:54:41") == 1424094881.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("pad", range(12))
+def test_jwt_exp_whatever_the_base64_padding(pad: int) -> None:
+    # Payload lengths of every residue mod 4 (and mod 5): padding is added as needed.
+    assert jwt_expiry(_jwt({"exp": 1700000000, "p": "x" * pad})) == 1700000000.0

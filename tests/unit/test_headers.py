@@ -102,6 +102,7 @@ def test_connection_named() -> None:
 @given(headers, st.one_of(st.none(), st.just("close, X-Foo"), st.just("TE, Accept")))
 @example([("TE", "trailers"), ("Accept", "a")], None)
 @example([("X-Foo", "1"), ("Accept", "a")], "close, X-Foo")
+@example([("Connection", "close"), ("X-Foo", "1"), ("Accept", "a")], "X-Foo")  # two of them
 def test_filter_response_removes_the_spec_hop_by_hop_list(
     given_headers: list[tuple[str, str]], connection: str | None
 ) -> None:

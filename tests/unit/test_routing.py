@@ -224,3 +224,72 @@ def test_rewrite_location_root_base() -> None:
     target = Target.from_url("http://127.0.0.1:9000")
     assert rewrite_location("http://127.0.0.1:9000/x", target, "/e") == "/e/x"
     assert rewrite_location("/x", target, "/e") == "/e/x"
+
+
+# -- pinned by the mutation run (tests/README.md) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "base_path"),
+    [
+        ("https://h.example/v1/", "/v1"),
+        ("https://h.example/v1//", "/v1"),
+        ("https://h.example/FOX/", "/FOX"),  # only slashes go, not the letters around them
+        ("https://h.example/v1 ", "/v1 "),
+        ("https://h.example", ""),
+    ],
+)
+def test_base_path_loses_only_its_trailing_slashes(url: str, base_path: str) -> None:
+    assert Target.from_url(url).base_path == base_path
+
+
+def test_refusals_say_what_is_wrong() -> None:
+    """The 400's message is what the user reads (SPEC §4: errors a user can act on)."""
+    with pytest.raises(BadRequest, match=r"^request target must be a path \(origin-form\)$"):
+        split_target("http://h/x")
+    with pytest.raises(BadRequest, match=r"^path contains a forbidden character$"):
+        check_remainder("/a\\b")
+    with pytest.raises(BadRequest, match=r"^path must not contain \. or \.\. segments$"):
+        check_remainder("/a/../b")
+
+
+def test_split_target_splits_at_the_first_question_mark() -> None:
+    assert split_target("/a?b=1?c=2") == ("/a", "b=1?c=2")
+
+
+def test_redact_query_reads_the_query_from_the_first_question_mark() -> None:
+    # Upstreams parse the query from the first `?`: a second one belongs to a value.
+    assert redact_query("/p?token=s3cret?a=1") == f"/p?token={REDACTED}"
+
+
+def test_redact_query_hides_the_whole_value() -> None:
+    assert redact_query("/p?token=ab=cd&x=1") == f"/p?token={REDACTED}&x=1"
+
+
+ROOT = Target.from_url("http://api.example.com")
+V1 = Target.from_url("http://api.example.com/v1")
+
+
+@pytest.mark.parametrize(
+    ("target", "location", "expected"),
+    [
+        # A network-path reference is not a path under the base: it names another host.
+        (ROOT, "//evil.com/x", "//evil.com/x"),
+        # http's default port is 80 (and 443 only for https).
+        (V1, "http://api.example.com/v1/x", "/p/x"),
+        (V1, "http://api.example.com:80/v1/x", "/p/x"),
+        (V1, "http://api.example.com:81/v1/x", "http://api.example.com:81/v1/x"),
+        # The host name may appear again in the path.
+        (V1, "http://api.example.com/v1/x/api.example.com", "/p/x/api.example.com"),
+        # No path at all: the root.
+        (ROOT, "http://api.example.com", "/p/"),
+        (ROOT, "http://api.example.com?x=1", "/p/?x=1"),
+        (V1, "http://api.example.com/v1?x=1", "/p?x=1"),
+        (V1, "http://api.example.com/v1#f", "/p#f"),
+        # /v1X is not under /v1.
+        (V1, "/v1X/y", "/v1X/y"),
+        (V1, "http://api.example.com/v1X", "http://api.example.com/v1X"),
+    ],
+)
+def test_rewrite_location_edges(target: Target, location: str, expected: str) -> None:
+    assert rewrite_location(location, target, "/p") == expected

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
 from proxy.auth.base import Token
 from proxy.errors import AuthBackoff, AuthFailed
-from proxy.tokens import Grant, TokenManager
+from proxy.tokens import Grant, MemoryTokenStore, TokenManager
+from tests.support import log_lines
 
 
 class Clock:
@@ -196,3 +198,299 @@ async def test_backoff_message_and_retry_after_agree(left: float, seconds: int) 
         await tm.get()
     assert info.value.headers()["Retry-After"] == str(seconds)
     assert f"retrying in {seconds} s" in info.value.message
+
+
+# -- pinned by the mutation run (tests/README.md) ------------------------------------------
+
+
+def token_events(out: str) -> list[dict[str, object]]:
+    """The token events of SPEC §5, without timestamps."""
+    return [
+        {k: v for k, v in r.items() if k not in ("timestamp", "level")}
+        for r in log_lines(out)
+        if str(r["event"]).startswith("token_")
+    ]
+
+
+class DictStore:
+    """A TokenStore without expiry of its own (a shared store may keep an entry past
+    its expiry): the manager must check the expiry itself."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Token] = {}
+
+    def get(self, key: str) -> Token | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, token: Token) -> None:
+        self.entries[key] = token
+
+    def discard(self, key: str, token: Token) -> None:
+        if self.entries.get(key) is token:
+            del self.entries[key]
+
+
+async def test_token_events_say_what_happened(capsys: pytest.CaptureFixture[str]) -> None:
+    tm, source, clock = manager(lifetime=12.34567, refresh_before=1)
+    capsys.readouterr()
+    first = await tm.get()
+    clock.now += 12  # stale, still valid: a background refresh
+    await tm.get()
+    await tm.wait_idle()
+    clock.now += 13  # expired: the caller waits for a new one
+    await tm.get()
+    await tm.rejected(await tm.get(), 401)
+    source.fail = AuthFailed("token endpoint for up answered 429", "up", 429, retry_after=7.12345)
+    tm.invalidate(await tm.get())
+    with pytest.raises(AuthFailed):
+        await tm.get()
+    assert first.value == "tok-1"
+    assert token_events(capsys.readouterr().out) == [
+        {"event": "token_acquired", "upstream": "up", "lifetime_s": 12.346, "via": "login"},
+        *[
+            {
+                "event": "token_refreshed",
+                "upstream": "up",
+                "reason": reason,
+                "lifetime_s": 12.346,
+                "via": "login",
+            }
+            for reason in ("expiry", "expiry", "status 401")
+        ],
+        {
+            "event": "token_failed",
+            "upstream": "up",
+            "endpoint_status": 429,
+            "error": "token endpoint for up answered 429",
+            "backoff_s": 7.123,
+        },
+    ]
+
+
+async def test_counters_count_fetches() -> None:
+    tm, source, clock = manager(lifetime=10)
+    await tm.get()
+    clock.now += 11
+    await tm.get()
+    source.fail = AuthFailed("boom", "up", 500)
+    clock.now += 11
+    for _ in range(2):
+        with pytest.raises(AuthFailed):
+            await tm.get()
+        clock.now = tm._backoff_until
+    assert (tm.fetch_success, tm.fetch_failure) == (2, 2)
+    fresh, _, _ = manager()
+    assert (fresh.fetch_success, fresh.fetch_failure) == (0, 0)
+
+
+async def test_default_refresh_before_is_60_s() -> None:
+    clock = Clock()
+    source = Source(clock, lifetime=1000.0)
+    tm = TokenManager("up", source, clock=clock, wall_clock=clock)
+    await tm.get()
+    clock.now += 939.9
+    await tm.get()
+    await tm.wait_idle()
+    assert source.calls == 1
+    clock.now += 0.1  # 60 s before expiry
+    await tm.get()
+    await tm.wait_idle()
+    assert source.calls == 2
+
+
+async def test_a_clock_starting_at_zero_is_not_a_backoff() -> None:
+    tm, _source, clock = manager()
+    clock.now = 0.0
+    assert (await tm.get()).value == "tok-1"
+
+
+async def test_refresh_window_and_expiry_boundaries() -> None:
+    tm, source, clock = manager(lifetime=100.0, refresh_before=10.0)
+    first = await tm.get()
+    clock.now += 90  # exactly refresh_at: stale
+    assert await tm.get() is first
+    await tm.wait_idle()
+    assert source.calls == 2
+    second = await tm.get()
+    clock.now += 100  # exactly the second token's expiry: expired, so wait for a new one
+    assert tm.status()["state"] == "expired"
+    assert (await tm.get()).value == "tok-3"
+    assert second.value == "tok-2"
+
+
+async def test_one_background_refresh_at_a_time() -> None:
+    tm, source, clock = manager(lifetime=100.0, refresh_before=10.0)
+    first = await tm.get()
+    clock.now += 95
+    source.gate = asyncio.Event()
+    assert await tm.get() is first
+    await asyncio.sleep(0)
+    assert await tm.get() is first  # the refresh is still in flight: no second one
+    await asyncio.sleep(0)
+    source.gate.set()
+    await tm.wait_idle()
+    assert source.calls == 2
+
+
+async def test_background_refresh_waits_out_the_backoff_to_the_instant() -> None:
+    tm, source, clock = manager(lifetime=100.0, refresh_before=10.0)
+    first = await tm.get()
+    clock.now += 91
+    source.fail = AuthFailed("boom", "up", 500)
+    assert await tm.get() is first
+    await tm.wait_idle()  # failed: backoff 1 s
+    source.fail = None
+    clock.now += 0.5
+    assert await tm.get() is first
+    await tm.wait_idle()
+    assert source.calls == 2
+    clock.now += 0.5  # exactly the end of the backoff
+    assert await tm.get() is first
+    await tm.wait_idle()
+    assert source.calls == 3
+
+
+async def test_backoff_restarts_at_one_second_after_a_success() -> None:
+    tm, source, clock = manager(lifetime=10.0)
+    source.fail = AuthFailed("boom", "up", 500)
+    for _ in range(2):
+        with pytest.raises(AuthFailed):
+            await tm.get()
+        clock.now = tm._backoff_until
+    source.fail = None
+    await tm.get()
+    clock.now += 11
+    source.fail = AuthFailed("boom", "up", 500)
+    with pytest.raises(AuthFailed):
+        await tm.get()
+    assert tm._backoff_until - clock.now == 1
+
+
+async def test_backoff_error_names_the_upstream_and_the_last_error() -> None:
+    tm, source, _ = manager()
+    source.fail = AuthFailed("token endpoint for up answered 500", "up", 500)
+    with pytest.raises(AuthFailed):
+        await tm.get()
+    with pytest.raises(AuthBackoff) as info:
+        await tm.get()
+    assert info.value.upstream == "up"
+    assert info.value.message == (
+        "token endpoint for up is failing; retrying in 1 s "
+        "(last error: token endpoint for up answered 500)"
+    )
+
+
+async def test_failures_are_retrieved_and_callbacks_run_cleanly() -> None:
+    """A failed fetch nobody awaits (a background refresh) must not end in the loop's
+    exception handler ("Task exception was never retrieved", a broken callback)."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        tm, source, clock = manager(lifetime=100.0, refresh_before=10.0)
+        await tm.get()
+        clock.now += 95
+        source.fail = AuthFailed("boom", "up", 500)
+        await tm.get()  # starts the background refresh, which fails
+        await tm.wait_idle()
+        clock.now += 10  # expired, and the backoff is over: a failing foreground fetch
+        with pytest.raises(AuthFailed):
+            await tm.get()
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == []
+
+
+async def test_a_shared_store_serves_another_manager() -> None:
+    clock = Clock()
+    store = MemoryTokenStore(clock)
+    first = TokenManager("up", Source(clock), store=store, clock=clock, wall_clock=clock)
+    other_source = Source(clock)
+    second = TokenManager("up", other_source, store=store, clock=clock, wall_clock=clock)
+    token = await first.get()
+    assert await second.get() is token
+    assert other_source.calls == 0
+    assert second.status() == {"state": "valid", "expires_in": 100.0}
+
+
+async def test_an_expired_shared_token_is_not_used() -> None:
+    clock = Clock()
+    store = DictStore()
+    first = TokenManager("up", Source(clock), store=store, clock=clock, wall_clock=clock)
+    await first.get()
+    clock.now += 100  # exactly its expiry
+    other_source = Source(clock)
+    second = TokenManager("up", other_source, store=store, clock=clock, wall_clock=clock)
+    assert (await second.get()).value == "tok-1"  # its own first token
+    assert other_source.calls == 1
+    never = TokenManager("up", Source(clock, lifetime=None), store=DictStore(), clock=clock)
+    assert (await never.get()).expires_at is None
+
+
+def test_memory_store_forgets_expired_tokens() -> None:
+    clock = Clock()
+    store = MemoryTokenStore(clock)
+    token = Token("t", clock.now, clock.now + 10, clock.now + 5)
+    store.put("up", token)
+    assert store.get("up") is token
+    assert store.get("other") is None
+    clock.now += 10
+    assert store.get("up") is None
+    forever = Token("f", clock.now, None, None)
+    store.put("up", forever)
+    clock.now += 10**9
+    assert store.get("up") is forever
+
+
+async def test_dated_tokens_keep_value_time_and_refresh_token() -> None:
+    for lifetime in (None, 100.0):
+        tm, _, clock = manager(lifetime=lifetime)
+        token = await tm.get()
+        assert (token.value, token.obtained_at, token.refresh_token) == (
+            "tok-1",
+            clock.now,
+            "refresh-1",
+        )
+
+
+async def test_lifetime_boundaries() -> None:
+    tm, _, clock = manager(lifetime=1.0)
+    token = await tm.get()
+    assert token.expires_at == clock.now + 1
+    zero, _, _ = manager(lifetime=0.0)
+    with pytest.raises(AuthFailed) as info:
+        await zero.get()
+    assert info.value.message == (
+        "token endpoint for up answered 200 with a token that has already expired"
+    )
+    assert (info.value.upstream, info.value.endpoint_status) == ("up", 200)
+
+
+async def test_prefetch_swallows_a_failure() -> None:
+    tm, source, _ = manager()
+    source.fail = AuthFailed("boom", "up", 500)
+    await tm.prefetch()
+    assert tm.status()["state"] == "backoff"
+    assert tm.last_error == "boom"
+
+
+async def test_status_reports_every_state_to_the_instant() -> None:
+    tm, source, clock = manager(lifetime=10.0)
+    await tm.get()
+    clock.now += 0.26
+    assert tm.status() == {"state": "valid", "expires_in": 9.7}
+    clock.now += 9.24
+    assert tm.status() == {"state": "valid", "expires_in": 0.5}
+    clock.now += 0.5
+    assert tm.status() == {"state": "expired", "expires_in": 0.0}
+    tm.invalidate(await tm.get())
+    assert tm.status() == {"state": "expired", "expires_in": None}
+    source.fail = AuthFailed("boom", "up", 500)
+    with pytest.raises(AuthFailed):
+        await tm.get()
+    assert tm.status()["state"] == "backoff"
+    clock.now = tm._backoff_until  # the backoff is over; the error is still the news
+    assert tm.status() == {"state": "error", "expires_in": None}
