@@ -61,7 +61,7 @@ from proxy.logs import ACCESS, REDACTOR
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.routing import check_remainder, match_prefix, redact_query, sort_prefixes, split_target
-from proxy.tokens import TokenStore
+from proxy.tokens import TokenStore, build_store
 from proxy.upstream import Endpoint, UpstreamClient
 from proxy.websocket import Relays, forward_websocket, wants_websocket
 
@@ -119,7 +119,7 @@ class ProxyState:
 
     client: UpstreamClient
     token_session: aiohttp.ClientSession
-    store: TokenStore | None
+    store: TokenStore
     metrics: Metrics
     current: Proxy | None = None
     shutting_down: bool = False
@@ -431,6 +431,7 @@ def _admin(proxy: Proxy, request: web.BaseRequest, path: str) -> web.Response:
                 # pid: which process answered (with `run --workers N`, one of the workers).
                 "pid": os.getpid(),
                 "upstreams": {r.name: describe(r) for r in proxy.routes.values()},
+                "token_store": proxy.state.store.status(),
                 "config": {
                     "loaded_at": loaded_at.replace("+00:00", "Z"),
                     "last_reload_error": proxy.state.last_reload_error,
@@ -489,14 +490,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     token_session = new_token_session()
     client: UpstreamClient = LeanUpstreamClient(pool_size=config.pool_size)
-    state = ProxyState(client, token_session, app.get(STORE), Metrics())
+    store = app.get(STORE) or build_store(config.token_store)
+    state = ProxyState(client, token_session, store, Metrics())
     try:
+        await store.start()  # connects in the background: never delays /-/health
         state.current = build_proxy(state, config)
         state.metrics.watch(
             lambda: [
                 (r.name, r.auth.counters())
                 for r in (state.current.routes.values() if state.current else ())
-            ]
+            ],
+            store.counters,
         )
         app[STATE] = state
         # Nothing here waits on the network: `prefetch` runs once the port is open
@@ -520,6 +524,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await client.close()
         await token_session.close()
+        await store.close()
 
 
 def create_app(config: Config, token_store: TokenStore | None = None) -> web.Application:

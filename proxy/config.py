@@ -255,6 +255,9 @@ class RequestSpec(Strict):
 class RefreshSpec(Strict):
     token: str = Field(min_length=1)
     request: RequestSpec
+    # Optional: where the refresh token's own expiry is (a shared store keeps the
+    # entry that long, SPEC §8.6); same formats as the token's expires_at.
+    expires_at: str | None = None
 
 
 class Inject(Strict):
@@ -565,6 +568,50 @@ class Log(Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class TokenStoreConfig(Strict):
+    """Where tokens live (SPEC §8): each process's memory, or a shared Redis."""
+
+    type: Literal["memory", "redis"] = "memory"
+    url: SecretStr | None = None  # may hold credentials: a secret
+    key_prefix: str = Field(default="authproxy", min_length=1, max_length=64)
+    timeout: PositiveFloat = Field(default=2.0, le=30.0)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if _CTL_OR_SPACE.search(value):
+            raise ValueError("no spaces or control characters")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        # The message never repeats the URL: it may carry a password.
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError("must be redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("needs a host: redis://[user:password@]host:port/db")
+        if parts.scheme == "unix" and not parts.path:
+            raise ValueError("needs a socket path: unix:///path/to/redis.sock")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("port must be a number") from None
+        return value
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> Self:
+        if self.type == "redis" and self.url is None:
+            raise ValueError("url: required for type: redis")
+        return self
+
+
 class Config(Strict):
     listen: Listen = Listen()
     admin: Admin | None = None
@@ -586,6 +633,7 @@ class Config(Strict):
     upstreams: dict[str, Upstream] = Field(min_length=1)
     # An http:// proxy URL or `none` for every upstream; unset: the environment's.
     egress_proxy: EgressProxyStr = None
+    token_store: TokenStoreConfig = TokenStoreConfig()
     # Every configured secret value, for the log redaction processor; never rendered.
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
     # What `check` warns about (a secret written into the file), each with its path.
@@ -753,7 +801,7 @@ def _interpolate(
 
 
 def _holds_secrets(path: tuple[str, ...]) -> bool:
-    return "auth" in path or path == ("listen", "require_token")
+    return "auth" in path or path in (("listen", "require_token"), ("token_store", "url"))
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -898,6 +946,11 @@ def parse_config(
     secrets |= collect_secrets(config)
     for egress in config.egress_proxies():
         secrets |= egress.secret_forms()
+    if config.token_store.url is not None:
+        # The password alone too: a redis error or a log may show just that part.
+        password = urlsplit(config.token_store.url.get_secret_value()).password
+        if password:
+            secrets.add(password)
     config._secrets = frozenset(s for s in secrets if len(s) >= 4)
     config._warnings = tuple(
         Problem(

@@ -43,9 +43,14 @@ class Metrics:
         # then answers with every worker's numbers merged, not this process's alone.
         self.merged: Callable[[], bytes] | None = None
 
-    def watch(self, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
-        """Register the scrape-time view of the upstreams: (name, auth.counters())."""
-        self.registry.register(_ScrapeCollector(self, sources))
+    def watch(
+        self,
+        sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]],
+        store: Callable[[], dict[tuple[str, str], int]] = dict,
+    ) -> None:
+        """Register the scrape-time view of the upstreams: (name, auth.counters()),
+        and of the token store: {(operation, outcome): count}."""
+        self.registry.register(_ScrapeCollector(self, sources, store))
 
     def request_done(
         self,
@@ -83,10 +88,14 @@ class Metrics:
 
 class _ScrapeCollector(Collector):
     def __init__(
-        self, metrics: Metrics, sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]]
+        self,
+        metrics: Metrics,
+        sources: Callable[[], Iterable[tuple[str, dict[str, Any]]]],
+        store: Callable[[], dict[tuple[str, str], int]],
     ) -> None:
         self._metrics = metrics
         self._sources = sources
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
@@ -126,6 +135,24 @@ class _ScrapeCollector(Collector):
         for outcome in ("success", "failure"):
             reloads.add_metric([outcome], m.reloads.get(outcome, 0))
         yield reloads
+        store_ops = CounterMetricFamily(
+            "authproxy_token_store_operations",
+            "Token store operations by outcome (ok, error, bypassed while down, conflict, held).",
+            labels=["operation", "outcome"],
+        )
+        fallbacks = CounterMetricFamily(
+            "authproxy_token_store_fallbacks",
+            "Tokens obtained from memory because the shared store was unavailable.",
+        )
+        fallback_count = 0
+        for (operation, outcome), count in sorted(self._store().items()):
+            if operation == "fallback":
+                fallback_count += count
+            else:
+                store_ops.add_metric([operation, outcome], count)
+        fallbacks.add_metric([], fallback_count)
+        yield store_ops
+        yield fallbacks
         yield GaugeMetricFamily(
             "authproxy_in_flight_requests", "Requests being handled now.", value=m.in_flight
         )

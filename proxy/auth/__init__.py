@@ -13,6 +13,7 @@ import aiohttp
 
 from proxy.auth import presets, static
 from proxy.auth.base import Authenticator, Credential, Injection, Token
+from proxy.auth.identity import auth_identity
 from proxy.auth.login import LoginFlow, TokenAuth, TokenHttp
 from proxy.config import TokenAuthBase, Upstream
 from proxy.connector import Egress
@@ -60,7 +61,12 @@ def build_authenticator(
         manager = previous.manager
         manager.use_source(flow)  # same token request; maybe a new TLS context or timeouts
     else:
-        manager = TokenManager(name, flow, refresh_before=login.refresh_before, store=store)
+        # The lock outlives one token request (the token timeout) by a second.
+        lock_ttl = (timeout.total or 0.0) + 1.0
+        slot = store.slot(auth_identity(upstream), name) if store is not None else None
+        manager = TokenManager(
+            name, flow, refresh_before=login.refresh_before, slot=slot, lock_ttl=lock_ttl
+        )
     inject = login.inject
     injection = Injection(header=inject.header, template=inject.value, query=inject.query)
     return TokenAuth(auth.type, manager, flow, injection, prefetch=login.prefetch)

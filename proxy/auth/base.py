@@ -7,28 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from proxy.tokens.manager import Token as Token  # re-exported: the manager owns it
+
 
 def basic_authorization(username: str, password: str) -> str:
     """An `Authorization: Basic` value (RFC 7617), UTF-8 as browsers and curl send it."""
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """A credential obtained from an endpoint. Times are `time.monotonic()` seconds.
-
-    `repr` hides the secret parts so a stray log of a Token leaks nothing.
-    """
-
-    value: str = field(repr=False)
-    obtained_at: float
-    expires_at: float | None  # None: valid until the upstream rejects it
-    refresh_at: float | None  # when to start refreshing ahead of expiry
-    refresh_token: str | None = field(default=None, repr=False)
-
-    @property
-    def lifetime(self) -> float | None:
-        return None if self.expires_at is None else self.expires_at - self.obtained_at
 
 
 @dataclass(frozen=True, slots=True)

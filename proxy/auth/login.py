@@ -268,19 +268,27 @@ class LoginFlow:
                 upstream,
                 status,
             )
-        refresh_token = None
+        refresh_token = refresh_expires_at = None
         if self.cfg.refresh is not None:
             found = dig(document, self.cfg.refresh.token)
             refresh_token = found if isinstance(found, str) and found else None
         try:
             expires_at = self._expiry(document, value)
+            refresh_expires_at = self._refresh_expiry(document)
         except ExpiryError as exc:
             raise AuthFailed(
                 f"{what} for {upstream} answered {status} with an unreadable expiry: {exc}",
                 upstream,
                 status,
             ) from None
-        return Grant(value, expires_at, refresh_token, via, status)
+        return Grant(value, expires_at, refresh_token, via, status, refresh_expires_at)
+
+    def _refresh_expiry(self, document: Any) -> float | None:
+        refresh = self.cfg.refresh
+        if refresh is None or refresh.expires_at is None:
+            return None
+        raw = dig(document, refresh.expires_at)
+        return None if raw is None else parse_expires_at(raw)
 
     def _expiry(self, document: Any, token: str) -> float | None:
         """Expiry in the SPEC's order: expires_at, expires_in, JWT exp, lifetime."""
@@ -393,8 +401,13 @@ class TokenAuth:
         # hanging endpoint must not hold the stop up (SPEC §1).
         self.manager.abandon()
         token = self.manager.current()
-        if token is not None and self.flow.cfg.logout is not None:
-            await self.flow.logout(self._credential_for(token))
+        if token is None or self.flow.cfg.logout is None:
+            return
+        if token.shared:
+            # Other processes may be using this session (SPEC §8 promise 9).
+            log.info("logout_skipped", upstream=self.flow.http.upstream, reason="shared")
+            return
+        await self.flow.logout(self._credential_for(token))
 
     @property
     def last_error(self) -> str | None:

@@ -72,6 +72,7 @@ def primaerp(cfg: Primaerp, base_url: str) -> LoginAuth:
         expires_at="expiration",
         refresh=RefreshSpec(
             token="refreshToken",
+            expires_at="refreshExpiration",
             request=RequestSpec(
                 method="GET",
                 url=cfg.refresh_url or f"{base_url}/auth/refreshtoken",
