@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +33,7 @@ from proxy.server import ProxyRunner
 
 # Re-exported for modules that still say `from tests.conftest import log_lines`.
 from tests.support import log_lines as log_lines
+from tests.support.redis_server import RedisServer
 
 # Credentials the fakes accept by default (and the demo uses): never to be printed.
 FAKE_CREDENTIALS = frozenset(
@@ -196,3 +198,19 @@ async def paymo() -> AsyncIterator[SeedFake[PaymoState]]:
     """A running Paymo fake on loopback (sessions live 60 s), no proxy in front."""
     async with await start_paymo(PaymoState(lifetime=60)) as fake:
         yield fake
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path, no_secret_leaks: Exposure) -> Iterator[RedisServer]:
+    """A real redis-server for this test; afterwards every key and value in it is
+    scanned: no token, refresh token or secret in any readable form (SPEC §8.6)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+        if server.proc is not None and server.proc.poll() is None:
+            candidates = no_secret_leaks.secrets | ISSUED | FAKE_CREDENTIALS
+            leaks = server.leaks(candidates)
+            assert not leaks, f"readable credentials in Redis: {leaks}"
+    finally:
+        server.stop()

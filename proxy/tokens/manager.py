@@ -209,7 +209,8 @@ class TokenManager:
         """The stored entry; a copy of the token an upstream refused is deleted first."""
         entry = await self._slot.get()
         record = entry.record if entry is not None else None
-        if entry is not None and record is not None and record.value == self._rejected:
+        rejected = self._rejected
+        if entry is not None and record is not None and rejected and record.value == rejected:
             await self._slot.delete(entry)
             return None
         return entry

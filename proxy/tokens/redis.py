@@ -164,12 +164,25 @@ class RedisTokenStore:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # One retry on a fresh connection (a pooled one may predate a Redis
+            # restart); the whole operation stays within `timeout` regardless.
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+        # The subscriber never reconnects behind our back: a lost connection must
+        # reach `_listen`, which resubscribes and wakes every waiter to read again.
+        self._subscriber: Redis = Redis.from_url(
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
         self.cas = self._redis.register_script(_CAS)
         self.cad = self._redis.register_script(_CAD)
         self._up = True
+        self.subscribed = False  # the listener hears publishes now
+        self.subscriptions = 0  # how many times it (re)subscribed
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovered = asyncio.Event()
         self._closed = False
@@ -214,6 +227,8 @@ class RedisTokenStore:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 async with asyncio.timeout(self.timeout):
+                    # Pooled connections predate the outage: start afresh.
+                    await self._redis.connection_pool.disconnect()
                     await self._redis.ping()
             except (RedisError, OSError, TimeoutError):
                 self.ops[("probe", "error")] += 1
@@ -242,10 +257,12 @@ class RedisTokenStore:
             if not self._up:
                 await self._recovered.wait()
                 continue
-            pubsub = self._redis.pubsub()
+            pubsub = self._subscriber.pubsub()
             try:
                 async with asyncio.timeout(self.timeout):
                     await pubsub.subscribe(self.channel)
+                self.subscribed = True
+                self.subscriptions += 1
                 self._wake(None)  # a publish may have gone by unheard: read again
                 while not self._closed:
                     message = await pubsub.get_message(timeout=HEALTH_CHECK_INTERVAL)
@@ -264,6 +281,7 @@ class RedisTokenStore:
                 self._down(exc)
                 self._wake(None)
             finally:
+                self.subscribed = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if not self._closed:
@@ -282,8 +300,9 @@ class RedisTokenStore:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+        for client in (self._redis, self._subscriber):
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     def status(self) -> dict[str, str]:
         return {"type": self.type_name, "state": "ok" if self._up else "unavailable"}
