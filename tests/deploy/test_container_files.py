@@ -167,3 +167,21 @@ def test_kubernetes_example(tmp_path: Path, secret_files: dict[str, str]) -> Non
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["httpGet"]["port"] == "admin"
     _load_with_secrets_in(config_text, tmp_path, "/run/secrets/authproxy/", {})
+
+
+def test_compose_shared_profile_runs_two_replicas_on_one_redis(
+    tmp_path: Path, secret_files: dict[str, str]
+) -> None:
+    result = run(COMPOSE_BIN, "--profile", "shared", "config", "-q")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    replicas = services["authproxy-shared"]
+    assert replicas["deploy"]["replicas"] == 2
+    assert "redis" in replicas["depends_on"]
+    assert "--appendonly" in services["redis"]["command"]
+    text = (ROOT / "deploy" / "shared.yaml").read_text()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text.replace("/run/secrets/", str(tmp_path) + "/"))
+    config = load_config(str(config_file), env={"REDIS_URL": "redis://redis:6379/0"})
+    assert config.token_store.type == "redis"
+    assert "authproxy-shared" in config.allowed_hosts

@@ -717,7 +717,8 @@ async def test_status_shape_without_secrets(
                 "token": empty,
                 "last_error": None,
             },
-        }
+        },
+        "token_store": {"type": "memory", "state": "ok"},
     }
     for secret in (*SECRETS_ENV.values(), BASIC_VALUE, QUERY_ENCODED):
         assert secret not in text
