@@ -42,7 +42,7 @@ class Source:
 
 @pytest.fixture
 async def stores(redis_server: RedisServer) -> AsyncIterator[list[RedisTokenStore]]:
-    made = [RedisTokenStore(redis_server.url, "authproxy", timeout=0.5) for _ in range(2)]
+    made = [RedisTokenStore(redis_server.url, "authproxy", timeout=2.0) for _ in range(2)]
     for store in made:
         await store.start()
     yield made

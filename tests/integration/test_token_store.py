@@ -31,7 +31,9 @@ from tests.support.redis_server import RedisServer
 
 
 def store_cfg(server: RedisServer, **extra: Any) -> dict[str, Any]:
-    return {"type": "redis", "url": server.url, "timeout": 0.5, **extra}
+    # The default timeout: one event loop serves the proxies, the fakes and the
+    # clients here, on a shared machine; a tighter one would measure the loop.
+    return {"type": "redis", "url": server.url, **extra}
 
 
 def paymo_upstream(fake: SeedFake[PaymoState]) -> dict[str, Any]:
@@ -300,7 +302,7 @@ async def test_a_slow_or_erroring_store_falls_back_without_client_errors(
     proxy = await start_proxy(cfg)
     admin = redis_server.client()
     if fault == "slow":
-        admin.client_pause(3000)  # answers later than timeout
+        admin.client_pause(4000)  # answers later than the 2 s timeout
     else:
         admin.acl_setuser(
             "default", enabled=True, reset_keys=False, commands=["-get"]
@@ -308,7 +310,7 @@ async def test_a_slow_or_erroring_store_falls_back_without_client_errors(
     try:
         started = time.monotonic()
         assert (await get_json(client, proxy.url + "/p/me"))[0] == 200
-        assert time.monotonic() - started < 2.5  # one store timeout at most, then memory
+        assert time.monotonic() - started < 3.5  # one store timeout at most, then memory
         assert (await status_of(client, proxy))["token_store"]["state"] == "unavailable"
         assert (await get_json(client, proxy.url + "/p/me"))[0] == 200
         assert paymo_fake.state.token_requests == 1
