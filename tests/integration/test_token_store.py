@@ -74,10 +74,10 @@ async def test_processes_share_one_token_and_names_do_not_matter(
     sent = {r.header("X-Session") for r in paymo_fake.state.requests if r.header("X-Session")}
     assert len(sent) == 1
     # Fresh tokens are served from memory: no store I/O on the hot path.
-    before = dict(a.state.store.counters())
+    before = dict(a.state.state.store.counters())
     for _ in range(20):
         assert (await get_json(client, a.url + "/paymo/me"))[0] == 200
-    assert a.state.store.counters() == before
+    assert a.state.state.store.counters() == before
     # A proxy that starts while the token is stored uses it.
     c = await start_proxy({"token_store": cfg, "upstreams": {"paymo": paymo_upstream(paymo_fake)}})
     assert (await get_json(client, c.url + "/paymo/me"))[0] == 200
@@ -254,7 +254,7 @@ async def test_redis_killed_mid_load_then_restarted(
         await asyncio.sleep(1.5)
         redis_server.kill()
         await wait_until(
-            lambda: all(p.state.store.status()["state"] == "unavailable" for p in proxies),
+            lambda: all(p.state.state.store.status()["state"] == "unavailable" for p in proxies),
             timeout=10,
             what="both proxies notice the store is gone",
         )
@@ -263,7 +263,7 @@ async def test_redis_killed_mid_load_then_restarted(
         await asyncio.sleep(2.5)  # tokens expire meanwhile: refreshed from memory
         redis_server.start()
         await wait_until(
-            lambda: all(p.state.store.status()["state"] == "ok" for p in proxies),
+            lambda: all(p.state.state.store.status()["state"] == "ok" for p in proxies),
             timeout=15,
             what="both proxies find the store again",
         )
