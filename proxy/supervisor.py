@@ -117,8 +117,7 @@ def bind_listener(config: Config) -> tuple[socket.socket, str, UnixSocketFile | 
 
 def per_worker_logins(config: Config) -> list[str]:
     """Upstreams that will log in once per worker: token auth without a shared store."""
-    store = getattr(config, "token_store", None)
-    if store is not None and getattr(store, "type", "memory") != "memory":
+    if config.token_store.type != "memory":
         return []
     return sorted(
         name

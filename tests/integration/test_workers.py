@@ -27,6 +27,8 @@ import aiohttp
 import pytest
 import yaml
 
+from proxy.fakes import PaymoState, start_paymo
+
 AUTHPROXY = Path(sys.executable).parent / "authproxy"
 START_S = 20.0
 
@@ -477,3 +479,70 @@ async def test_two_workers_serve_one_unix_socket_and_count_together(
         await asyncio.sleep(0.2)
     await stop(r)
     assert not sock_path.exists()
+
+
+async def connections_per_worker(url: str, workers: set[int], each: int) -> list[Any]:
+    """Keep-alive sessions (one connection each), at least `each` per worker, by pid."""
+    by_pid: dict[int, list[aiohttp.ClientSession]] = {pid: [] for pid in workers}
+    deadline = time.monotonic() + START_S
+    while min(len(v) for v in by_pid.values()) < each and time.monotonic() < deadline:
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        async with s.get(url + "/-/status") as resp:
+            pid = int((await resp.json())["pid"])
+        if pid in by_pid and len(by_pid[pid]) < each:
+            by_pid[pid].append(s)
+        else:
+            await s.close()
+    chosen = [s for v in by_pid.values() for s in v]
+    if min(len(v) for v in by_pid.values()) < each:
+        for s in chosen:
+            await s.close()
+        raise AssertionError(f"connections per worker: { {k: len(v) for k, v in by_pid.items()} }")
+    return chosen
+
+
+async def test_with_the_redis_store_two_workers_share_one_token(spawn, redis_server) -> None:
+    """SPEC §8 promises 1 and 2 within one `run --workers 2`: a burst over both workers
+    makes one token request, and a worker that replaces a killed one makes none."""
+    async with await start_paymo(PaymoState(lifetime=600, token_delay=0.5)) as fake:
+        upstream = {
+            "url": fake.url,
+            "auth": {"type": "paymo_session", "api_key": fake.state.api_key},
+        }
+        config = {
+            "token_store": {"type": "redis", "url": redis_server.url},
+            "upstreams": {"paymo": upstream},
+        }
+        r = await ready(spawn(config, "--workers", "2"), 2)
+        assert not r.events("tokens_per_worker")  # shared: no worker logs in on its own
+
+        async def burst(sessions: list[aiohttp.ClientSession]) -> list[int]:
+            async def ten(s: aiohttp.ClientSession) -> list[int]:
+                statuses = []
+                for _ in range(10):
+                    async with s.get(r.url + "/paymo/me") as resp:
+                        await resp.read()
+                        statuses.append(resp.status)
+                await s.close()
+                return statuses
+
+            return [
+                code
+                for codes in await asyncio.gather(*(ten(s) for s in sessions))
+                for code in codes
+            ]
+
+        # Every connection asks at once, none holding a token: both workers wait.
+        sessions = await connections_per_worker(r.url, r.workers(), 3)
+        assert await burst(sessions) == [200] * 60
+        assert len(fake.state.token_calls) == 1
+
+        victim = min(r.workers())
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: len(r.workers()) == 2 and victim not in r.workers(), "a replacement")
+        sessions = await connections_per_worker(r.url, r.workers(), 2)
+        assert await burst(sessions) == [200] * 40
+        assert len(fake.state.token_calls) == 1  # the replacement found the stored token
+
+        await stop(r)
+        assert len(fake.state.token_calls) == 1  # no logout either: the session is shared
