@@ -26,7 +26,7 @@ from proxy.config import Config, Upstream
 from proxy.connector import OutboundError
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
-from proxy.logs import ACCESS, fingerprint
+from proxy.logs import ACCESS, REDACTOR, fingerprint
 from proxy.routing import (
     Target,
     build_upstream_target,
@@ -354,7 +354,10 @@ async def _stream_back(
     has_id = has_type = False
     for key, lower, value in filter_response(resp.headers):
         if lower == "location":
-            value = rewrite_location(value, route.target, route.prefix)
+            # Never a secret in a Location, rewritten or not (SPEC §4, finding 3).
+            value = REDACTOR.scrub(
+                rewrite_location(value, route.target, route.prefix, route.strip_query)
+            )
         elif lower == "content-length":
             if value.isdigit():
                 length = int(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import errno
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -50,30 +52,69 @@ def fingerprint(value: str) -> str:
     return digest.hexdigest()[:8]
 
 
-class Redactor:
-    """Replaces every registered secret in string values. Secrets accumulate per process."""
+def derived_forms(secret: str) -> set[str]:
+    """Every form a secret takes on its way through HTTP and JSON: as is, percent-
+    encoded (upper and lower hex, `/` kept or not), `+`-encoded, JSON-escaped, and
+    inside any base64 (`Authorization: Basic base64(id:secret)`, `base64(secret:)`):
+    the characters of its encoding that do not depend on its neighbours, at each of
+    the three byte alignments, so every `id:` before it and `:pw` after it is covered."""
+    forms = {secret, quote(secret, safe=""), quote(secret, safe="/"), quote_plus(secret)}
+    forms |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), f) for f in list(forms)}
+    forms.add(json.dumps(secret)[1:-1])
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    forms.add(json.dumps(secret)[1:-1].replace("/", "\\/"))
+    raw = secret.encode("utf-8", "surrogateescape")
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode("ascii")
+        first = -(-8 * offset // 6)  # the first character made of secret bits only
+        last = (8 * (offset + len(raw))) // 6  # one past the last such character
+        core = encoded[first:last]
+        if len(core) >= 4:
+            forms.add(core)
+            forms.add(core.replace("+", "-").replace("/", "_"))  # base64url
+    return {f for f in forms if f}
 
-    def __init__(self) -> None:
+
+class Redactor:
+    """Replaces every registered secret, in every derived form, in string values.
+    Secrets accumulate per process; their forms are computed once, when added."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        self._secrets.update(s for s in secrets if s)
-        if self._secrets:
-            ordered = sorted(self._secrets, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        new = {s for s in secrets if s} - self._secrets
+        if not new:
+            return
+        self._secrets |= new
+        forms = set().union(*(derived_forms(s) for s in self._secrets))
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(re.escape(f) for f in ordered))
 
     def scrub(self, text: str) -> str:
         pattern = self._pattern
-        return pattern.sub(REDACTED, text) if pattern is not None else text
+        if pattern is None:
+            return text
+        text = pattern.sub(REDACTED, text)
+        if "%" in text or "+" in text:
+            # A mix of encodings no list of forms covers (`s3cr3t/pa%2Bss+w0rd`, as a
+            # client library re-quotes a query): look again decoded, and if a secret
+            # is there, show the decoded text with it redacted.
+            for decoded in (unquote(text), unquote_plus(text)):
+                if decoded != text and pattern.search(decoded):
+                    return pattern.sub(REDACTED, decoded)
+        return text
 
     def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-        pattern = self._pattern
-        if pattern is None:
+        if self._pattern is None:
             return event_dict
         for key, value in event_dict.items():
-            if isinstance(value, str) and pattern.search(value):
-                event_dict[key] = pattern.sub(REDACTED, value)
+            if isinstance(value, str):
+                scrubbed = self.scrub(value)
+                if scrubbed is not value:
+                    event_dict[key] = scrubbed
         return event_dict
 
 

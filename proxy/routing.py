@@ -140,21 +140,38 @@ def redact_query(target: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
-def rewrite_location(location: str, target: Target, prefix: str) -> str:
-    """Map a redirect into the upstream back under the proxy's prefix."""
+def rewrite_location(
+    location: str, target: Target, prefix: str, strip: frozenset[str] = frozenset()
+) -> str:
+    """Map a redirect into the upstream back under the proxy's prefix, without the
+    `strip` query parameters (the route's injected credential, its `strip_query`):
+    an upstream that echoes its query into a redirect must not hand the client the
+    credential."""
+    rewritten = _under_prefix(location, target, prefix)
+    if rewritten is None:
+        return location
+    if strip and "?" in rewritten:
+        before, _, after = rewritten.partition("?")
+        query, hash_, fragment = after.partition("#")
+        query = strip_query_params(query, strip)
+        rewritten = before + (f"?{query}" if query else "") + hash_ + fragment
+    return rewritten
+
+
+def _under_prefix(location: str, target: Target, prefix: str) -> str | None:
     if location.startswith("/") and not location.startswith("//"):
         path_and_rest = location
     else:
         parts = urlsplit(location)
         if not parts.scheme or not parts.netloc:
-            return location
+            return None
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            return location
+            return None
         here = (parts.scheme.lower(), (parts.hostname or "").lower(), port)
         if here != (target.scheme, target.host, target.port):
-            return location
+            return None
         path_and_rest = location[location.index(parts.netloc) + len(parts.netloc) :] or "/"
         if not path_and_rest.startswith("/"):
             path_and_rest = "/" + path_and_rest
@@ -165,4 +182,4 @@ def rewrite_location(location: str, target: Target, prefix: str) -> str:
         rest = path_and_rest[len(base) :]
         if not rest or rest[0] in "/?#":
             return prefix + rest
-    return location
+    return None

@@ -6,12 +6,16 @@ what a user would see (via `capsys`) and the leak check scans real output.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import aiohttp
 import pytest
@@ -59,15 +63,26 @@ class Exposure:
 
     log_lines: list[str] = field(default_factory=list)
     proxy_bodies: list[str] = field(default_factory=list)
+    locations: list[str] = field(default_factory=list)  # Location headers clients got
     secrets: set[str] = field(default_factory=set)
 
     def leaks(self) -> list[str]:
-        candidates = (self.secrets | ISSUED | FAKE_CREDENTIALS) - {""}
-        text = "\n".join(self.log_lines + self.proxy_bodies)
-        return sorted(s for s in candidates if len(s) >= 4 and s in text)
+        candidates = {s for s in (self.secrets | ISSUED | FAKE_CREDENTIALS) if len(s) >= 4}
+        text = "\n".join(self.log_lines + self.proxy_bodies + self.locations)
+        if not text:
+            return []
+        # Each secret also in its derived forms (SPEC §5: "not even encoded"): the
+        # text decoded as a URL would be, JSON-unescaped, and every base64-looking
+        # run decoded (`Authorization: Basic base64(id:secret)`).
+        views = [text, unquote(text), unquote_plus(text), text.replace("\\/", "/")]
+        for run in _BASE64_RUN.findall(text):
+            with suppress(ValueError):
+                views.append(base64.b64decode(run + "=" * (-len(run) % 4)).decode("latin-1"))
+        return sorted(s for s in candidates if any(s in view for view in views))
 
 
 EXPOSURE: Exposure | None = None
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{8,}={0,2}")
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +134,8 @@ def _tracing() -> aiohttp.TraceConfig:
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestEndParams,
     ) -> None:
+        if EXPOSURE is not None:
+            EXPOSURE.locations += params.response.headers.getall("Location", [])
         buffer = getattr(ctx, "buffer", None)
         if EXPOSURE is None or not buffer:
             return

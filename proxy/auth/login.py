@@ -10,7 +10,9 @@ characters of what it said — never a secret or an issued token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from proxy.connector import (
 )
 from proxy.errors import AuthBackoff, AuthFailed
 from proxy.failures import explain
+from proxy.logs import Redactor
 from proxy.tokens import Grant, TokenManager
 
 log = structlog.get_logger("authproxy.auth")
@@ -152,10 +155,20 @@ class TokenHttp:
             raise AuthFailed(f"{what} for {self.upstream} failed: {why}", self.upstream) from None
 
     def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "REDACTED")
-        return text
+        """Every form of every secret out (percent-, +-, JSON-encoded, in base64, as an
+        endpoint echoing our `Authorization: Basic` would show it); forms made once."""
+        return _redactor(self.secrets).scrub(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _redactor(secrets: frozenset[str]) -> Redactor:
+    return Redactor(secrets)
+
+
+# A header value may hold visible ASCII and spaces only (RFC 9110 §5.5, and what
+# every upstream's parser accepts); anything else in a token would split the
+# request, reach the upstream raw, or fail on every request for its whole life.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 
 
 def _explain(exc: aiohttp.ClientError, url: str) -> str | None:
@@ -251,9 +264,26 @@ class LoginFlow:
                 retry_after,
             )
         try:
+            return self._read_grant(what, status, headers, body, via)
+        except AuthFailed:
+            raise
+        except Exception as exc:  # RecursionError (deep JSON), and anything unforeseen
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status} with an answer that cannot be read "
+                f"({type(exc).__name__})",
+                upstream,
+                status,
+            ) from None
+
+    def _read_grant(
+        self, what: str, status: int, headers: CIMultiDictProxy[str], body: bytes, via: str
+    ) -> Grant:
+        """The token, its refresh token and expiry out of a 2xx answer, or AuthFailed."""
+        upstream = self.http.upstream
+        try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            ctype = headers.get("Content-Type", "unknown type")
+            ctype = self.http.scrub(headers.get("Content-Type", "unknown type"))[:100]
             raise AuthFailed(
                 f"{what} for {upstream} answered {status} with a body that is not JSON ({ctype})",
                 upstream,
@@ -268,10 +298,20 @@ class LoginFlow:
                 upstream,
                 status,
             )
+        problem = self._unsendable(value)
+        if problem:
+            raise AuthFailed(
+                f"{what} for {upstream} answered {status} with a token that cannot be sent "
+                f"({problem})",
+                upstream,
+                status,
+            )
         refresh_token = refresh_expires_at = None
         if self.cfg.refresh is not None:
             found = dig(document, self.cfg.refresh.token)
-            refresh_token = found if isinstance(found, str) and found else None
+            # One we could not send (a lone surrogate) is as good as none: log in again.
+            usable = isinstance(found, str) and found and _HEADER_SAFE.fullmatch(found)
+            refresh_token = found if usable else None
         try:
             expires_at = self._expiry(document, value)
             refresh_expires_at = self._refresh_expiry(document)
@@ -290,6 +330,19 @@ class LoginFlow:
         raw = dig(document, refresh.expires_at)
         return None if raw is None else parse_expires_at(raw)
 
+    def _unsendable(self, token: str) -> str | None:
+        """Why this token cannot go where `inject` puts it (None: it can)."""
+        inject = self.cfg.inject
+        if inject.header is not None:
+            if not _HEADER_SAFE.fullmatch(inject.value.replace("{token}", token)):
+                return "a header value must be visible ASCII: control or non-ASCII characters"
+            return None
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not encodable as UTF-8 for the query"
+        return None
+
     def _expiry(self, document: Any, token: str) -> float | None:
         """Expiry in the SPEC's order: expires_at, expires_in, JWT exp, lifetime."""
         cfg = self.cfg
@@ -307,15 +360,16 @@ class LoginFlow:
         text = body.decode("utf-8", "replace")
         try:
             document = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if isinstance(document, dict) and isinstance(document.get("error"), str):
             code = document["error"]
             description = document.get("error_description")
             detail = code + (f" ({description})" if isinstance(description, str) else "")
-            return self.http.scrub(detail[:SNIPPET]), code
-        snippet = " ".join(text.split())[:SNIPPET]
-        return self.http.scrub(snippet), None
+            # Scrubbed whole, then cut: a cut first could leave half a secret behind.
+            return self.http.scrub(detail)[:SNIPPET], self.http.scrub(code)[:100]
+        snippet = " ".join(text.split())
+        return self.http.scrub(snippet)[:SNIPPET], None
 
     async def logout(self, credential: Credential) -> None:
         spec = self.cfg.logout

@@ -7,7 +7,9 @@ A script is a list of steps, run in order on one connection:
 * `bytes` — write them as they are;
 * a `float` — sleep that long (a stall, a trickle);
 * `HOLD` — wait until the peer closes (silence);
-* `CLOSE` — close now.
+* `CLOSE` — close now;
+* a callable — given the last request head, returns the bytes to write (an
+  endpoint that echoes what it was sent).
 
 When a script runs out, and on connections beyond the scripts given, requests are
 served *normally*: each request gets
@@ -18,7 +20,7 @@ anything but its own target has been handed someone else's answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,7 +28,7 @@ from typing import Final
 READ: Final = "read"
 HOLD: Final = "hold"
 CLOSE: Final = "close"
-Step = bytes | float | str
+Step = bytes | float | str | Callable[[bytes], bytes]
 Script = Sequence[Step]
 
 
@@ -87,6 +89,9 @@ class ScriptedPeer:
                     return
                 elif isinstance(step, bytes):
                     writer.write(step)
+                    await writer.drain()
+                elif callable(step):
+                    writer.write(step(self.heads[-1] if self.heads else b""))
                     await writer.drain()
                 else:
                     await asyncio.sleep(float(step))

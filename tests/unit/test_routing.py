@@ -293,3 +293,15 @@ V1 = Target.from_url("http://api.example.com/v1")
 )
 def test_rewrite_location_edges(target: Target, location: str, expected: str) -> None:
     assert rewrite_location(location, target, "/p") == expected
+
+
+def test_rewrite_location_drops_the_credential_and_strip_query_params() -> None:
+    target = Target.from_url("https://api.example.com/base")
+    strip = frozenset({"api_key", "internal"})
+    location = "https://api.example.com/base/dir/?a=1&api%5Fkey=SECRET&internal=x&b=2#f"
+    assert rewrite_location(location, target, "/q", strip) == "/q/dir/?a=1&b=2#f"
+    assert rewrite_location("/base/x?api_key=SECRET", target, "/q", strip) == "/q/x"
+    # Elsewhere: not ours to rewrite (the forwarder still scrubs configured secrets).
+    assert rewrite_location("https://other/x?api_key=1", target, "/q", strip) == (
+        "https://other/x?api_key=1"
+    )
