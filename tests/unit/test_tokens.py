@@ -10,6 +10,7 @@ import pytest
 from proxy.auth.base import Token
 from proxy.errors import AuthBackoff, AuthFailed
 from proxy.tokens import Grant, MemoryTokenStore, TokenManager
+from proxy.tokens.store import Record
 from tests.support import log_lines
 
 
@@ -212,24 +213,6 @@ def token_events(out: str) -> list[dict[str, object]]:
     ]
 
 
-class DictStore:
-    """A TokenStore without expiry of its own (a shared store may keep an entry past
-    its expiry): the manager must check the expiry itself."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, Token] = {}
-
-    def get(self, key: str) -> Token | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, token: Token) -> None:
-        self.entries[key] = token
-
-    def discard(self, key: str, token: Token) -> None:
-        if self.entries.get(key) is token:
-            del self.entries[key]
-
-
 async def test_token_events_say_what_happened(capsys: pytest.CaptureFixture[str]) -> None:
     tm, source, clock = manager(lifetime=12.34567, refresh_before=1)
     capsys.readouterr()
@@ -406,43 +389,48 @@ async def test_failures_are_retrieved_and_callbacks_run_cleanly() -> None:
 
 async def test_a_shared_store_serves_another_manager() -> None:
     clock = Clock()
-    store = MemoryTokenStore(clock)
-    first = TokenManager("up", Source(clock), store=store, clock=clock, wall_clock=clock)
+    slot = MemoryTokenStore().slot(None, "up")
+    first = TokenManager("up", Source(clock), slot=slot, clock=clock, wall_clock=clock)
     other_source = Source(clock)
-    second = TokenManager("up", other_source, store=store, clock=clock, wall_clock=clock)
+    second = TokenManager("up", other_source, slot=slot, clock=clock, wall_clock=clock)
     token = await first.get()
-    assert await second.get() is token
+    assert (await second.get()).value == token.value
     assert other_source.calls == 0
     assert second.status() == {"state": "valid", "expires_in": 100.0}
 
 
 async def test_an_expired_shared_token_is_not_used() -> None:
     clock = Clock()
-    store = DictStore()
-    first = TokenManager("up", Source(clock), store=store, clock=clock, wall_clock=clock)
+    slot = MemoryTokenStore().slot(None, "up")
+    first = TokenManager("up", Source(clock), slot=slot, clock=clock, wall_clock=clock)
     await first.get()
-    clock.now += 100  # exactly its expiry
+    clock.now += 100  # exactly its expiry (the store keeps the entry: the manager checks)
     other_source = Source(clock)
-    second = TokenManager("up", other_source, store=store, clock=clock, wall_clock=clock)
+    second = TokenManager("up", other_source, slot=slot, clock=clock, wall_clock=clock)
     assert (await second.get()).value == "tok-1"  # its own first token
     assert other_source.calls == 1
-    never = TokenManager("up", Source(clock, lifetime=None), store=DictStore(), clock=clock)
+    never = TokenManager("up", Source(clock, lifetime=None), clock=clock)
     assert (await never.get()).expires_at is None
 
 
-def test_memory_store_forgets_expired_tokens() -> None:
-    clock = Clock()
-    store = MemoryTokenStore(clock)
-    token = Token("t", clock.now, clock.now + 10, clock.now + 5)
-    store.put("up", token)
-    assert store.get("up") is token
-    assert store.get("other") is None
-    clock.now += 10
-    assert store.get("up") is None
-    forever = Token("f", clock.now, None, None)
-    store.put("up", forever)
-    clock.now += 10**9
-    assert store.get("up") is forever
+async def test_memory_slot_swaps_and_deletes_only_the_entry_it_was_given() -> None:
+    store = MemoryTokenStore()
+    slot = store.slot(None, "up")
+    assert store.slot(None, "up") is slot and store.slot(None, "other") is not slot
+    first = await slot.put(Record("a"), None)
+    assert first is not None and await slot.get() is first
+    assert await slot.put(Record("b"), None) is None  # not what is stored now
+    second = await slot.put(Record("b"), first)
+    assert second is not None and second.record == Record("b")
+    assert not await slot.delete(first)
+    assert await slot.get() is second
+    assert await slot.delete(second) and await slot.get() is None
+    owner = await slot.lock(1.0)
+    assert owner is not None and await slot.lock(1.0) is None
+    await slot.unlock("someone else")
+    assert await slot.lock(1.0) is None
+    await slot.unlock(owner)
+    assert await slot.lock(1.0) is not None
 
 
 async def test_dated_tokens_keep_value_time_and_refresh_token() -> None:
