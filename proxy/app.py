@@ -268,6 +268,8 @@ async def handle(proxy: Proxy, request: web.BaseRequest) -> web.StreamResponse:
                 exc.upstream = route.name
             error = exc.code
             response = _error_response(exc, request_id)
+            if exc.status == 408:  # the rest of the body is still on its way: hang up
+                response.force_close()
         except Exception:
             # A bug of ours: say so in JSON, keep serving; the traceback has no locals.
             log.exception("request_failed", request_id=request_id)

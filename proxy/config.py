@@ -341,6 +341,8 @@ def token_urls(auth: AuthConfig, base_url: str) -> list[str]:
 class Timeout(Strict):
     connect: PositiveFloat = 10.0  # also the longest wait for a pooled connection
     read: PositiveFloat = 300.0  # upstream silence, and the whole wait for its head
+    body: PositiveFloat = 60.0  # client silence while sending its request body (nginx)
+    send: PositiveFloat = 60.0  # the longest a client may leave the response unread
 
 
 class TLS(Strict):

@@ -9,6 +9,7 @@
     ├── ProxyAuthRequired           407 proxy_auth_required
     ├── NoRoute                     404 no_route
     ├── MethodNotAllowed            405 method_not_allowed
+    ├── RequestTimeout              408 request_timeout (the client's body stalled)
     ├── UpstreamUnreachable         502 upstream_unreachable
     ├── UpstreamTimeout             504 upstream_timeout
     ├── ShuttingDown                503 shutting_down (still waiting at the drain deadline)
@@ -92,6 +93,12 @@ class MethodNotAllowed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allowed)}
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body for longer than timeout.body."""
+
+    status, code = 408, "request_timeout"
 
 
 class UpstreamUnreachable(ProxyError):

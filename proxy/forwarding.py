@@ -24,7 +24,13 @@ from proxy.auth import Authenticator, Credential, build_authenticator
 from proxy.browsers import with_cors
 from proxy.config import Config, Upstream
 from proxy.connector import OutboundError
-from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.headers import add_defaults, filter_response, inbound_drop_set, strip_inbound
 from proxy.logs import ACCESS, REDACTOR, fingerprint
 from proxy.routing import (
@@ -69,6 +75,8 @@ class Route:
     retry_statuses: frozenset[int]
     max_replay_body: int
     url: str
+    body_timeout: float = 60.0  # nginx's client_body_timeout: between reads
+    send_timeout: float = 60.0  # nginx's send_timeout: between writes the client takes
     usage: Usage = field(default_factory=Usage)
     tls: tuple[object, ...] = ()  # TLS settings + CA file digest the endpoint was built from
 
@@ -147,6 +155,8 @@ def build_route(
         allow_methods=frozenset(upstream.allow_methods) if upstream.allow_methods else None,
         retry_statuses=frozenset(upstream.retry_statuses),
         max_replay_body=upstream.max_replay_body,
+        body_timeout=upstream.timeout.body,
+        send_timeout=upstream.timeout.send,
         url=upstream.url,
         usage=previous.usage if kept is not None and previous is not None else Usage(),
         tls=tls,
@@ -177,23 +187,46 @@ class Progress:
     sent_up: int | None = None  # a WebSocket relay's bytes from the client
 
 
-async def _read_replayable(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes]:
+class _ClientBody:
+    """The client's request body, each read bounded by `timeout.body` (nginx's
+    client_body_timeout), so a stalled upload cannot hold a pool slot for ever.
+    `stalled` tells the forwarder, whatever error the upstream client made of it."""
+
+    __slots__ = ("content", "stalled", "timeout")
+
+    def __init__(self, request: web.BaseRequest, timeout: float) -> None:
+        self.content = request.content
+        self.timeout = timeout
+        self.stalled = False
+
+    async def read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.content.readany()
+        except TimeoutError:
+            self.stalled = True
+            raise RequestTimeout(
+                f"the request body stalled for more than {self.timeout:g}s (timeout.body)"
+            ) from None
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+
+async def _read_replayable(source: _ClientBody, length: int | None, limit: int) -> Body:
     """Keep bodies up to `limit` bytes so a 401 can be replayed; stream larger ones."""
-    length = request.content_length
-    if length is not None:
-        if length <= limit:
-            try:
-                return await request.content.readexactly(length)
-            except asyncio.IncompleteReadError:
-                raise BadRequest("request body ended before its Content-Length") from None
-        return request.content.iter_any()
+    if length is not None and length > limit:
+        return source.stream()
     buffered = bytearray()
     while len(buffered) <= limit:
-        chunk = await request.content.readany()
+        chunk = await source.read()
         if not chunk:
+            if length is not None and len(buffered) < length:
+                raise BadRequest("request body ended before its Content-Length")
             return bytes(buffered)
         buffered += chunk
-    return _prepend(bytes(buffered), request.content.iter_any())
+    return _prepend(bytes(buffered), source.stream())
 
 
 async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -220,6 +253,7 @@ async def forward(
     query = strip_query_params(query, route.strip_query)
 
     body: Body = None
+    source: _ClientBody | None = None
     if request.body_exists:
         if (
             request.version >= (1, 1)
@@ -228,15 +262,24 @@ async def forward(
             # The guards have passed: now invite the body (aiohttp's web.Application
             # would do this for us; the low-level server leaves it to the handler).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        source = _ClientBody(request, route.body_timeout)
         if route.auth.refreshable:
-            body = await _read_replayable(request, route.max_replay_body)
+            body = await _read_replayable(source, request.content_length, route.max_replay_body)
         else:
-            body = request.content.iter_any()
+            body = source.stream()
     replayable = body is None or isinstance(body, bytes)
 
     cred = await route.auth.credential()
     sent_at = time.perf_counter()
-    resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
+    try:
+        resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
+    except ProxyError:
+        if source is not None and source.stalled:  # the client's fault, not the upstream's
+            raise RequestTimeout(
+                f"the request body stalled for more than {route.body_timeout:g}s (timeout.body)",
+                route.name,
+            ) from None
+        raise
     replay: str | None = None
     if resp.status in route.retry_statuses and route.auth.refreshable:
         if replayable:
@@ -376,13 +419,23 @@ async def _stream_back(
         if whole is not None:  # it came with the headers: head and body in one write
             return _whole(resp, out_headers, has_type, whole)
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
+    loop = asyncio.get_running_loop()
+    send = route.send_timeout
     try:
-        await out.prepare(request)
-        progress.status = resp.status
-        async for chunk in resp.iter_chunks():
-            await out.write(chunk)
-            progress.sent += len(chunk)
-        await out.write_eof()
+        # One deadline, armed only while a write waits for the client (nginx's
+        # send_timeout): a client that stops reading cannot hold the upstream for ever.
+        async with asyncio.timeout(None) as deadline:
+            deadline.reschedule(loop.time() + send)
+            await out.prepare(request)
+            progress.status = resp.status
+            deadline.reschedule(None)
+            async for chunk in resp.iter_chunks():
+                deadline.reschedule(loop.time() + send)
+                await out.write(chunk)
+                deadline.reschedule(None)
+                progress.sent += len(chunk)
+            deadline.reschedule(loop.time() + send)
+            await out.write_eof()
     except (OSError, TimeoutError, aiohttp.ClientError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         resp.close()

@@ -8,6 +8,7 @@ but its own target was handed another request's answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -175,3 +176,101 @@ async def test_the_whole_head_is_due_within_timeout_read(
         assert status == 504 and error is not None and error["code"] == "upstream_timeout"
         assert 0.35 < elapsed < 2.0
         assert await answer(client, proxy.url + "/h/2") == (200, b"/2", None)
+
+
+# -- finding 6: nothing a client or an upstream does pins the pool --------------
+
+
+async def raw_request(port: int, data: bytes, within: float = 5.0) -> tuple[bytes, float]:
+    """Write `data`, read one answer (head and Content-Length body): (answer, seconds)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = b""
+    try:
+        async with asyncio.timeout(within):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n")[0])
+            answer = head + await reader.readexactly(length)
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, IndexError):
+        pass
+    writer.close()
+    return answer, time.monotonic() - started
+
+
+STALLED_UPLOAD = (
+    b"POST /a/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10
+)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        pytest.param({}, id="streamed-to-the-upstream"),
+        pytest.param(
+            {"auth": {"type": "login", "request": {"url": "{token_url}"}, "token": "t"}},
+            id="buffered-for-a-replay",
+        ),
+    ],
+)
+async def test_stalled_uploads_get_408_and_never_starve_another_upstream(
+    start_proxy: StartProxy, client: aiohttp.ClientSession, auth: dict[str, Any]
+) -> None:
+    token = b'HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{"t": "tok1"}'
+    async with scripted_peer() as a, scripted_peer() as b, scripted_peer(*[[READ, token]] * 3) as t:
+        if auth:
+            auth = {"auth": {**auth["auth"], "request": {"url": t.url + "/token"}, "lifetime": 60}}
+        proxy = await proxy_for(
+            start_proxy,
+            ("a", a.url, {"timeout": {"body": 0.5}, **auth}),
+            ("b", b.url, {}),
+            pool_size=2,  # one connection each
+        )
+        stalls = [raw_request(proxy.port, STALLED_UPLOAD) for _ in range(3)]
+        others = [answer(client, proxy.url + f"/b/{i}") for i in range(5)]
+        results = await asyncio.gather(*stalls, *others)
+        for raw, seconds in results[:3]:
+            assert raw.startswith(b"HTTP/1.1 408 "), raw[:200]
+            assert b'"request_timeout"' in raw
+            assert 0.4 < seconds < 3.0
+        assert results[3:] == [(200, f"/{i}".encode(), None) for i in range(5)]
+
+
+async def test_a_wait_for_a_pooled_connection_is_bounded_by_timeout_connect(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    async with scripted_peer([READ, HOLD]) as peer:
+        proxy = await proxy_for(
+            start_proxy,
+            ("a", peer.url, {"pool_size": 1, "timeout": {"connect": 0.3, "read": 5}}),
+        )
+        hung = asyncio.ensure_future(answer(client, proxy.url + "/a/hangs"))
+        await eventually(lambda: peer.connections == 1, "the first request holds the pool")
+        started = time.monotonic()
+        status, _, error = await answer(client, proxy.url + "/a/waits")
+        assert status == 504 and error is not None and error["code"] == "upstream_timeout"
+        assert 0.25 < time.monotonic() - started < 2.0
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await hung
+
+
+async def test_a_client_that_stops_reading_is_cut_after_timeout_send(
+    start_proxy: StartProxy,
+) -> None:
+    chunk = b"x" * 65536
+    endless = [
+        READ,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        *[b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 2000,  # 128 MiB, far past any buffer
+    ]
+    async with scripted_peer(endless) as peer:
+        proxy = await proxy_for(start_proxy, ("a", peer.url, {"timeout": {"send": 0.5}}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /a/big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await reader.read(100)  # the head arrives; then this client reads no more
+        pools = proxy.state.client._pools
+        opened = proxy.state.client
+        await eventually(lambda: opened._open == 0, "the upstream connection closed", 5.0)
+        assert not any(pools)
+        writer.close()
