@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import StartProxy
-from tests.integration.scripted_peer import HOLD, READ, Script, scripted_peer
+from tests.integration.scripted_peer import CLOSE, HOLD, READ, Script, own_answer, scripted_peer
 
 OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
 
@@ -217,7 +221,8 @@ async def test_stalled_uploads_get_408_and_never_starve_another_upstream(
     start_proxy: StartProxy, client: aiohttp.ClientSession, auth: dict[str, Any]
 ) -> None:
     token = b'HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{"t": "tok1"}'
-    async with scripted_peer() as a, scripted_peer() as b, scripted_peer(*[[READ, token]] * 3) as t:
+    token_script: Script = [READ, token]
+    async with scripted_peer() as a, scripted_peer() as b, scripted_peer(*[token_script] * 3) as t:
         if auth:
             auth = {"auth": {**auth["auth"], "request": {"url": t.url + "/token"}, "lifetime": 60}}
         proxy = await proxy_for(
@@ -226,14 +231,14 @@ async def test_stalled_uploads_get_408_and_never_starve_another_upstream(
             ("b", b.url, {}),
             pool_size=2,  # one connection each
         )
-        stalls = [raw_request(proxy.port, STALLED_UPLOAD) for _ in range(3)]
-        others = [answer(client, proxy.url + f"/b/{i}") for i in range(5)]
-        results = await asyncio.gather(*stalls, *others)
-        for raw, seconds in results[:3]:
+        stalls = asyncio.gather(*(raw_request(proxy.port, STALLED_UPLOAD) for _ in range(3)))
+        others = asyncio.gather(*(answer(client, proxy.url + f"/b/{i}") for i in range(5)))
+        stalled, served = await asyncio.gather(stalls, others)
+        for raw, seconds in stalled:
             assert raw.startswith(b"HTTP/1.1 408 "), raw[:200]
             assert b'"request_timeout"' in raw
             assert 0.4 < seconds < 3.0
-        assert results[3:] == [(200, f"/{i}".encode(), None) for i in range(5)]
+        assert served == [(200, f"/{i}".encode(), None) for i in range(5)]
 
 
 async def test_a_wait_for_a_pooled_connection_is_bounded_by_timeout_connect(
@@ -259,7 +264,7 @@ async def test_a_client_that_stops_reading_is_cut_after_timeout_send(
     start_proxy: StartProxy,
 ) -> None:
     chunk = b"x" * 65536
-    endless = [
+    endless: Script = [
         READ,
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
         *[b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 2000,  # 128 MiB, far past any buffer
@@ -274,3 +279,211 @@ async def test_a_client_that_stops_reading_is_cut_after_timeout_send(
         await eventually(lambda: opened._open == 0, "the upstream connection closed", 5.0)
         assert not any(pools)
         writer.close()
+
+
+# -- the property: whatever an upstream answers, later requests get their own ------
+
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY"
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One upstream answer, drawn by Hypothesis: framing, head sizes, stray bytes, delays."""
+
+    framing: str
+    reason_len: int
+    headers: int
+    header_len: int
+    body_len: int
+    extra: str  # "none" | "same-write" | "delayed"
+    delay: float  # between the pieces of the answer
+
+    @property
+    def method(self) -> str:
+        return "HEAD" if self.framing == "head-declared" else "GET"
+
+    @property
+    def over_limit(self) -> bool:
+        """Does the head break one of aiohttp's limits (so the client must get a 502)?"""
+        if self.framing in ("101", "garbage"):
+            return False
+        fields = sum(len(b"X-%d" % i) + self.header_len + 4 for i in range(self.headers))
+        return (
+            self.reason_len > 8190
+            or (self.headers > 0 and self.header_len + 4 > 8190)
+            or self.headers > 100
+            or fields > 64 * 1024
+        )
+
+    def steps(self) -> list[bytes | float | str]:
+        body = b"b" * self.body_len
+        head = b"HTTP/1.1 200 " + b"R" * self.reason_len + b"\r\n"
+        head += b"".join(b"X-%d: %s\r\n" % (i, b"v" * self.header_len) for i in range(self.headers))
+        tail: bytes
+        close = False
+        match self.framing:
+            case "length" | "head-declared":
+                tail = b"Content-Length: %d\r\n\r\n" % len(body)
+                tail += body if self.framing == "length" else b""
+            case "chunked":
+                tail = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+                    len(body),
+                    body,
+                )
+            case "bad-chunk":
+                tail = b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + body
+                close = True
+            case "close-delimited":
+                tail, close = b"\r\n" + body, True
+            case "short":
+                tail, close = b"Content-Length: %d\r\n\r\n%s" % (len(body) + 10, body), True
+            case "1xx":
+                head = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" * 3 + head
+                tail = b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            case "101":
+                head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                tail = b"Connection: upgrade\r\n\r\n" + STRAY
+            case _:  # garbage
+                head, tail, close = b"HTTP/1.1 2OO OK\r\n", b"\r\n" + body, True
+        answer = head + tail
+        if self.extra == "same-write":
+            answer += STRAY
+        third = max(1, len(answer) // 3)
+        steps: list[bytes | float | str] = []
+        for start in range(0, len(answer), third):
+            steps += [answer[start : start + third], self.delay]
+        if self.extra == "delayed":
+            steps += [0.02, STRAY]
+        if self.extra != "none" and self.framing == "head-declared":
+            steps += [0.02, body + STRAY]
+        if close:
+            steps.append(CLOSE)
+        return steps
+
+
+HOSTILE = st.builds(
+    Hostile,
+    framing=st.sampled_from(
+        [
+            "length",
+            "head-declared",
+            "chunked",
+            "bad-chunk",
+            "close-delimited",
+            "short",
+            "1xx",
+            "101",
+            "garbage",
+        ]
+    ),
+    reason_len=st.sampled_from([2, 100, 8000, 9000]),
+    headers=st.sampled_from([0, 1, 20, 99, 101, 150]),
+    header_len=st.sampled_from([1, 100, 3000, 8100, 9000]),
+    body_len=st.sampled_from([0, 5, 70_000]),
+    extra=st.sampled_from(["none", "same-write", "delayed"]),
+    delay=st.sampled_from([0.0, 0.0, 0.01, 0.03]),
+)
+
+
+def draw_hostile(count: int) -> list[Hostile]:
+    drawn: list[Hostile] = []
+
+    @settings(
+        max_examples=count,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(HOSTILE)
+    @example(Hostile("head-declared", 2, 1, 10, 5, "delayed", 0.0))
+    @example(Hostile("length", 2, 1, 10, 5, "delayed", 0.0))
+    @example(Hostile("length", 2, 1, 10, 5, "same-write", 0.0))
+    @example(Hostile("101", 2, 0, 1, 0, "none", 0.0))
+    @example(Hostile("1xx", 2, 150, 9000, 0, "none", 0.01))
+    @example(Hostile("length", 9000, 0, 1, 0, "none", 0.0))
+    def collect(case: Hostile) -> None:
+        drawn.append(case)
+
+    collect()
+    return drawn
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_property_hostile_answers_never_shift_later_responses(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    cases = draw_hostile(80)
+    done = [asyncio.Event() for _ in cases]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1].decode()
+                if not target.startswith("/h/"):
+                    writer.write(own_answer(target))
+                    continue
+                index = int(target.split("/")[2])
+                try:
+                    for step in cases[index].steps():
+                        if step == CLOSE:
+                            return
+                        if isinstance(step, bytes):
+                            writer.write(step)
+                            await writer.drain()
+                        else:
+                            await asyncio.sleep(float(step))
+                finally:
+                    done[index].set()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_for(
+            start_proxy, ("p", f"http://127.0.0.1:{port}", {"timeout": {"read": 1}})
+        )
+        assert (await answer(client, proxy.url + "/p/warm"))[0] == 200
+        gc.collect()
+        before = rss_bytes()
+        statuses: list[int | str] = []
+        for index, case in enumerate(cases):
+            try:
+                async with client.request(case.method, proxy.url + f"/p/h/{index}") as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+            except aiohttp.ClientError:
+                statuses.append("cut")  # the proxy cut a response it had begun
+            if case.over_limit:
+                assert statuses[-1] == 502, case
+            if case.framing != "head-declared" or case.body_len == 0:
+                # Stray bytes that come later than the answer can only be seen if they
+                # arrive before the next request goes out (an HTTP/1.1 race every client
+                # has): wait for them. A HEAD answer declaring a body (Content-Length > 0)
+                # is the case a client can know in advance: no waiting, no reuse.
+                await asyncio.wait_for(done[index].wait(), 5)
+            for n in range(3):  # then normal requests on the same pool
+                target = f"/n/{index}/{n}"
+                assert await answer(client, proxy.url + "/p" + target) == (
+                    200,
+                    target.encode(),
+                    None,
+                ), (case, statuses[-1])
+        assert 500 not in statuses
+        gc.collect()
+        grown = rss_bytes() - before
+        assert grown < 20 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB"
+    finally:
+        server.close()
