@@ -95,7 +95,7 @@ def overridden_method(headers: Mapping[str, str], query: str) -> str | None:
         value = headers.get(name)
         if value is not None:
             return value.strip().upper()
-    if "_method" in query:
+    if "method" in query:  # `_method`, or `%5Fmethod`
         for part in query.split("&"):
             name, _, value = part.partition("=")
             if unquote_plus(name) == "_method":
