@@ -34,6 +34,18 @@ def open_files() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def own_tasks() -> int:
+    """Tasks other than aiohttp's per-connection and per-request ones: those follow
+    the connections open and the requests in flight at the moment of counting (the
+    test's clients to the proxy, the proxy's pool to the fakes), which the fd count
+    bounds; a task the proxy leaked per reload shows up here."""
+    return sum(
+        1
+        for task in asyncio.all_tasks()
+        if not getattr(task.get_coro(), "__qualname__", "").startswith("RequestHandler.")
+    )
+
+
 @pytest.fixture
 async def didomi() -> AsyncIterator[SeedFake[DidomiState]]:
     async with await start_didomi(DidomiState(lifetime=3600)) as fake:
@@ -137,13 +149,13 @@ async def test_reloading_every_half_second_under_load_loses_nothing(
             for _ in range(2):
                 await reload_next()
             await asyncio.sleep(RELOAD_EVERY)
-            tasks_before, files_before = len(asyncio.all_tasks()), open_files()
+            tasks_before, files_before = own_tasks(), open_files()
             started = time.monotonic()
             while time.monotonic() - started < SOAK_SECONDS:
                 await reload_next()
             await reloader.reload("signal")  # the last one is over before we count
             await asyncio.sleep(0.5)
-            tasks_after, files_after = len(asyncio.all_tasks()), open_files()
+            tasks_after, files_after = own_tasks(), open_files()
             stop.set()
             await asyncio.gather(*workers)
         versions = {rec.header("X-Version") or "" for rec in echo.state.requests}
@@ -162,7 +174,7 @@ async def test_reloading_every_half_second_under_load_loses_nothing(
     assert total > 100 * SOAK_SECONDS / 15
     assert metrics["success"] >= reloads * 0.8 and metrics["failure"] == 0
     assert versions == {"a", "b"}
-    assert tasks_after <= tasks_before + 2
+    assert tasks_after <= tasks_before
     assert files_after <= files_before + 2
     assert endpoints == 2 * 3 + 1  # one per upstream and file, however many reloads
     # One credential per upstream across every reload: one token request each.
