@@ -235,6 +235,54 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
         yield chunk
 
 
+async def exchange(
+    client: UpstreamClient,
+    request: web.BaseRequest,
+    route: Route,
+    remainder: str,
+    query: str,
+    client_query: str,
+    headers: list[tuple[str, str]],
+    body: Body,
+    request_id: str,
+    progress: Progress,
+) -> UpstreamResponse:
+    """Send with the current credential; on a status in `retry_statuses`, refresh it
+    (shared by all who saw the same token rejected) and send once more when the body
+    can be replayed (SPEC §3 promise 3). The one driver for plain requests and
+    WebSocket handshakes alike; at debug level it also writes `request_debug`."""
+    cred = await route.auth.credential()
+    sent_at = time.perf_counter()
+    resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
+    replay: str | None = None
+    if resp.status in route.retry_statuses and route.auth.refreshable:
+        if body is None or isinstance(body, bytes):
+            resp.release()
+            replay = f"status {resp.status}"
+            cred = await route.auth.rejected(cred, resp.status)
+            sent_at = time.perf_counter()
+            resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
+            progress.retried = True
+        else:
+            route.auth.invalidate(cred)
+    progress.upstream_seconds = time.perf_counter() - sent_at
+    if ACCESS.debug:
+        _log_debug(
+            request,
+            route,
+            remainder,
+            query,
+            client_query,
+            headers,
+            cred,
+            resp,
+            replay,
+            request_id,
+            progress.upstream_seconds,
+        )
+    return resp
+
+
 async def forward(
     client: UpstreamClient,
     request: web.BaseRequest,
@@ -267,12 +315,19 @@ async def forward(
             body = await _read_replayable(source, request.content_length, route.max_replay_body)
         else:
             body = source.stream()
-    replayable = body is None or isinstance(body, bytes)
-
-    cred = await route.auth.credential()
-    sent_at = time.perf_counter()
     try:
-        resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
+        resp = await exchange(
+            client,
+            request,
+            route,
+            remainder,
+            query,
+            client_query,
+            headers,
+            body,
+            request_id,
+            progress,
+        )
     except ProxyError:
         if source is not None and source.stalled:  # the client's fault, not the upstream's
             raise RequestTimeout(
@@ -280,33 +335,7 @@ async def forward(
                 route.name,
             ) from None
         raise
-    replay: str | None = None
-    if resp.status in route.retry_statuses and route.auth.refreshable:
-        if replayable:
-            resp.release()
-            replay = f"status {resp.status}"
-            cred = await route.auth.rejected(cred, resp.status)
-            sent_at = time.perf_counter()
-            resp = await _send(client, request.method, route, remainder, query, headers, body, cred)
-            progress.retried = True
-        else:
-            route.auth.invalidate(cred)
-    progress.upstream_seconds = time.perf_counter() - sent_at
-    if ACCESS.debug:
-        _log_debug(
-            request,
-            route,
-            remainder,
-            query,
-            client_query,
-            headers,
-            cred,
-            resp,
-            replay,
-            request_id,
-            progress.upstream_seconds,
-        )
-    return await _stream_back(request, resp, route, request_id, progress)
+    return await stream_back(request, resp, route, request_id, progress)
 
 
 def _log_debug(
@@ -385,7 +414,7 @@ async def _send(
         raise UpstreamUnreachable(message, route.name) from None
 
 
-async def _stream_back(
+async def stream_back(
     request: web.BaseRequest,
     resp: UpstreamResponse,
     route: Route,

@@ -34,7 +34,6 @@ calls it at the drain deadline. One access line per relay, when it ends
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Final, cast
 
 import structlog
@@ -42,10 +41,9 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from proxy.errors import UpstreamUnreachable
-from proxy.forwarding import Progress, Route, _log_debug, _send, _stream_back
+from proxy.forwarding import Progress, Route, exchange, stream_back
 from proxy.headers import add_defaults, connection_named, filter_response, strip_inbound
 from proxy.leanclient import LeanUpstreamClient, Upgraded
-from proxy.logs import ACCESS
 from proxy.metrics import Metrics
 from proxy.routing import strip_query_params
 from proxy.upstream import Body, Endpoint, UpstreamClient, UpstreamResponse
@@ -126,35 +124,21 @@ async def forward_websocket(
     client_query = query
     query = strip_query_params(query, route.strip_query)
 
-    cred = await route.auth.credential()
-    sent_at = time.perf_counter()
-    resp = await _send(upgrading, "GET", route, remainder, query, headers, None, cred)
-    replay: str | None = None
-    if resp.status in route.retry_statuses and route.auth.refreshable:
-        resp.release()
-        replay = f"status {resp.status}"
-        cred = await route.auth.rejected(cred, resp.status)
-        sent_at = time.perf_counter()
-        resp = await _send(upgrading, "GET", route, remainder, query, headers, None, cred)
-        progress.retried = True
-    progress.upstream_seconds = time.perf_counter() - sent_at
-    if ACCESS.debug:
-        _log_debug(
-            request,
-            route,
-            remainder,
-            query,
-            client_query,
-            headers,
-            cred,
-            resp,
-            replay,
-            request_id,
-            progress.upstream_seconds,
-        )
+    resp = await exchange(
+        upgrading,
+        request,
+        route,
+        remainder,
+        query,
+        client_query,
+        headers,
+        None,
+        request_id,
+        progress,
+    )
     upgraded = upgrading.upgraded
     if upgraded is None:  # refused, or not a WebSocket server: an ordinary answer
-        return await _stream_back(request, resp, route, request_id, progress)
+        return await stream_back(request, resp, route, request_id, progress)
 
     out_headers = []
     has_id = False
@@ -197,7 +181,7 @@ async def forward_websocket(
 
 
 class _Upgrading:
-    """The client `forwarding._send` sends the handshake through — the same target,
+    """The client `forwarding.exchange` sends the handshake through — the same target,
     credential and error mapping as any request — asking the lean client to upgrade;
     it keeps the connection a 101 hands over."""
 
