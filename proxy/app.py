@@ -47,6 +47,7 @@ from proxy.errors import (
     ShuttingDown,
 )
 from proxy.forwarding import (
+    CLIENT_CLOSED,
     CORS_ORIGIN,
     Progress,
     Route,
@@ -78,8 +79,6 @@ FORWARDABLE = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Probes carry no secrets and these answers reveal none: no inbound token needed.
 UNGUARDED_ADMIN = frozenset({"/-/health", "/-/ready"})
 MAX_REQUEST_ID = 128
-# The access line's status for a request cut before any answer went out: nginx's 499.
-CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)

@@ -173,6 +173,10 @@ def new_token_session() -> aiohttp.ClientSession:
     )
 
 
+# The access line's status for a request cut before any answer went out: nginx's 499.
+CLIENT_CLOSED = 499
+
+
 @dataclass(slots=True)
 class Progress:
     """What the client has been sent so far, kept up to date while a response

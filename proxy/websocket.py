@@ -41,7 +41,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from proxy.errors import UpstreamUnreachable
-from proxy.forwarding import Progress, Route, exchange, stream_back
+from proxy.forwarding import CLIENT_CLOSED, Progress, Route, exchange, stream_back
 from proxy.headers import add_defaults, connection_named, filter_response, strip_inbound
 from proxy.leanclient import LeanUpstreamClient, Upgraded
 from proxy.metrics import Metrics
@@ -165,8 +165,8 @@ async def forward_websocket(
         # A side left before the relay began (the client while the upstream
         # answered, say): nothing to relay; `force_close` ends the client's side.
         upgraded.transport.abort()
-        if not progress.status:  # our 101 never went out: nginx's 499, as app logs it
-            progress.status = 499
+        if not progress.status:  # our 101 never went out
+            progress.status = CLIENT_CLOSED
         return out
     except BaseException:
         upgraded.transport.abort()
