@@ -113,6 +113,7 @@ def workers_mode(
         },
         "small": {"summary": summary["small"], "runs": raw.small},
         "scaling": summary["scaling"],
+        "paired": {"summary": summary["paired"], "pairs": raw.pairs},
         "targets": [
             {"figure": g.figure, "value": g.value, "must": g.must, "status": g.status()} for g in gl
         ],

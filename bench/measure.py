@@ -17,6 +17,8 @@ from bench.settings import MB, BenchError, log
 from bench.stats import median, num, ratio
 from bench.targets import (
     AUTHPROXY,
+    AUTHPROXY_1W,
+    AUTHPROXY_2W,
     DIRECT,
     LARGE_TARGETS,
     LATENCY_TARGETS,
@@ -289,3 +291,38 @@ def run_workers(bench: Bench, raw: Raw) -> None:
                     f"CPU {num(result['cpu_us_per_req'], 1):>6} µs/req  "
                     f"machine busy {result['machine_busy_cpu_s'] / result['duration_s']:.2f} cores"
                 )
+    run_worker_pairs(bench, raw)
+
+
+def run_worker_pairs(bench: Bench, raw: Raw) -> None:
+    """authproxy with 2 workers against 1 in back-to-back 1-second runs, the order
+    flipped every pair: on a shared machine the neighbours' load drifts over seconds,
+    and a pair puts that drift on both sides of its ratio (as `run_pairs` does)."""
+    s = bench.settings
+    one, two = bench.targets[AUTHPROXY_1W], bench.targets[AUTHPROXY_2W]
+    log(f"2 workers ÷ 1: {s.pairs} pair(s) of 1-second runs per concurrency")
+    for c in s.concurrencies:
+        for k in range(1, s.pairs + 1):
+            got = {
+                t.name: measure_small(bench, t, c, 1) for t in ((one, two) if k % 2 else (two, one))
+            }
+            a, b = got[AUTHPROXY_1W], got[AUTHPROXY_2W]
+            raw.pairs.append(
+                {
+                    "c": c,
+                    "pair": k,
+                    "rps_1w": a["rps"],
+                    "rps_2w": b["rps"],
+                    "rps_ratio": ratio(b["rps"], a["rps"]),
+                    "cpu_ratio": ratio(b["cpu_us_per_req"], a["cpu_us_per_req"]),
+                    "others_cores": (
+                        a["machine_busy_cpu_s"]
+                        - sum(a["processes_cpu_s"].values())
+                        + b["machine_busy_cpu_s"]
+                        - sum(b["processes_cpu_s"].values())
+                    )
+                    / (a["duration_s"] + b["duration_s"]),
+                }
+            )
+        mid = median([p["rps_ratio"] for p in raw.pairs if p["c"] == c])
+        log(f"2 workers ÷ 1 c={c:<3} median {num(mid, 2)}")

@@ -367,6 +367,22 @@ def render_workers(
             rounds = ", ".join(times(v) for v in s["rps_ratio_per_round"])
             w(f"| {c} | {two} | {times(s['rps_ratio'])} | {rounds} | {times(s['cpu_ratio'])} |")
     w("")
+    w(
+        "Paired: back-to-back 1-second runs of authproxy-1w and authproxy-2w, the order "
+        "flipped every pair; medians of the pairs' figures and the ratio's quartiles. "
+        "`others`: the cores the machine's other users took during the pair."
+    )
+    w("")
+    w("| c | pairs | 1w req/s | 2w req/s | 2w ÷ 1w | quartiles | CPU µs/req 2w ÷ 1w | others |")
+    w("|---|---|---|---|---|---|---|---|")
+    for c in settings.concurrencies:
+        p = summary["paired"][str(c)]
+        w(
+            f"| {c} | {p['pairs']} | {num(p['rps_1w'])} | {num(p['rps_2w'])} "
+            f"| {times(p['rps_ratio'])} | {times(p['rps_ratio_q1'])} to {times(p['rps_ratio_q3'])} "
+            f"| {times(p['cpu_ratio'])} | {num(p['others_cores'], 2)} |"
+        )
+    w("")
     w("## Targets (issue 17)")
     w("")
     w("| figure | measured | must reach | result |")

@@ -277,12 +277,27 @@ def summarize_workers(settings: Settings, raw: Raw) -> dict[str, Any]:
                 "rps_ratio_per_round": r_of("rps"),
                 "cpu_ratio": median(r_of("cpu_us_per_req")),
             }
-    return {"small": out, "scaling": scaling}
+    paired: dict[str, Any] = {}
+    for c in settings.concurrencies:
+        rows = [p for p in raw.pairs if p["c"] == c]
+        ratios = [p["rps_ratio"] for p in rows if p["rps_ratio"] is not None]
+        q1, q3 = quartiles(ratios)
+        paired[str(c)] = {
+            "pairs": len(rows),
+            "rps_1w": median([p["rps_1w"] for p in rows]),
+            "rps_2w": median([p["rps_2w"] for p in rows]),
+            "rps_ratio": median(ratios),
+            "rps_ratio_q1": q1,
+            "rps_ratio_q3": q3,
+            "cpu_ratio": median([p["cpu_ratio"] for p in rows]),
+            "others_cores": median([p["others_cores"] for p in rows]),
+        }
+    return {"small": out, "scaling": scaling, "paired": paired}
 
 
 def worker_goals(settings: Settings, summary: dict[str, Any]) -> list[Goal]:
     top = str(100 if 100 in settings.concurrencies else max(settings.concurrencies))
-    value = summary["scaling"][AUTHPROXY_2W][top]["rps_ratio"]
-    return [
-        Goal(f"throughput at c={top}, 2 workers ÷ 1 worker", value, times(value), 1.6, 1.8, True)
-    ]
+    value = summary["paired"][top]["rps_ratio"]
+    rounds = summary["scaling"][AUTHPROXY_2W][top]["rps_ratio"]
+    shown = f"{times(value)} (paired runs; rounds {times(rounds)})"
+    return [Goal(f"throughput at c={top}, 2 workers ÷ 1 worker", value, shown, 1.6, 1.6, True)]

@@ -144,6 +144,9 @@ def test_bench_workers_smoke(tmp_path: Path) -> None:
             assert figures["cores"]["machine_busy"] > 0, (target, c, figures)
     for two in ("authproxy-2w", "nginx-2w"):
         assert all(s["rps_ratio"] > 0 for s in data["scaling"][two].values()), data["scaling"]
+    paired = data["paired"]
+    assert paired["pairs"] and all(p["rps_ratio"] > 0 for p in paired["pairs"]), paired
+    assert sorted(paired["summary"]) == sorted(summary["authproxy-1w"])  # every concurrency
     (goal,) = data["targets"]
     assert goal["figure"].startswith("throughput at c=") and goal["value"] > 0
     assert "## 2 processes ÷ 1 (same round)" in stdout
