@@ -299,6 +299,7 @@ class _Conn(asyncio.Protocol):
         self._reason = b""
         self._head_bytes = 0  # raw bytes fed while the head is incomplete
         self._head_fields = 0  # bytes of the header fields parsed (a head in one read)
+        self._framing = 0  # bytes after the head that were not body (chunking, trailers)
         self._over: str | None = None  # which head limit the upstream broke
         self._head_deadline = 0.0  # status line + headers due by then (0: not yet armed)
         self._is_head = False
@@ -399,6 +400,13 @@ class _Conn(asyncio.Protocol):
             if self._over is not None:
                 self._error(MalformedResponse(f"malformed answer ({self._over})"))
                 return
+        else:
+            # Bytes that are not body: chunk framing, extensions, trailers (which
+            # httptools buffers whole before it reports them) — held to the head's limit.
+            self._framing += len(data)
+            if self._framing > MAX_HEAD:
+                self._error(MalformedResponse(f"malformed answer (trailers over {MAX_HEAD} bytes)"))
+                return
         if self._complete:
             self._finish()
 
@@ -486,6 +494,7 @@ class _Conn(asyncio.Protocol):
         if self._complete or resp is None:  # a body after a HEAD answer, or after the end
             self._keep_alive = False
             return
+        self._framing -= len(body) + 32  # the body, and room for its chunk's size line
         resp._chunks.append(body)
         resp._queued += len(body)
         resp._wake()
@@ -523,7 +532,7 @@ class _Conn(asyncio.Protocol):
         self._resp = _LeanResponse(self)
         self._fut = fut = self.loop.create_future()
         self._reason = b""
-        self._head_bytes = self._head_fields = 0
+        self._head_bytes = self._head_fields = self._framing = 0
         self._over = None
         self._is_head = method == "HEAD"
         self._informational = self._complete = self._keep_alive = self._got_bytes = False

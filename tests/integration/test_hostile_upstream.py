@@ -487,3 +487,24 @@ async def test_property_hostile_answers_never_shift_later_responses(
         assert grown < 20 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "after_head",
+    [
+        pytest.param(b"2\r\nok\r\n0\r\nX-Trailer: " + b"t" * BIG + b"\r\n\r\n", id="8MiB-trailer"),
+        pytest.param(b"2;" + b"e" * BIG + b"\r\nok\r\n0\r\n\r\n", id="8MiB-chunk-extension"),
+    ],
+)
+async def test_trailers_and_chunk_framing_are_held_to_the_head_limit(
+    start_proxy: StartProxy, client: aiohttp.ClientSession, after_head: bytes
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with scripted_peer([READ, head + after_head, HOLD]) as peer:
+        proxy = await proxy_for(start_proxy, ("h", peer.url, {}))
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):  # the head went out: a cut body
+            async with client.get(proxy.url + "/h/1") as resp:
+                await resp.read()
+        assert time.monotonic() - started < 2.0
+        assert await answer(client, proxy.url + "/h/2") == (200, b"/2", None)
