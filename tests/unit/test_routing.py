@@ -305,3 +305,38 @@ def test_rewrite_location_drops_the_credential_and_strip_query_params() -> None:
     assert rewrite_location("https://other/x?api_key=1", target, "/q", strip) == (
         "https://other/x?api_key=1"
     )
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/a?x=1#frag", ("/a", "x=1")),
+        ("/a?x=1#f#g", ("/a", "x=1")),
+        ("/a?#", ("/a", "")),
+        ("/a?x=1", ("/a", "x=1")),
+    ],
+)
+def test_split_target_drops_a_fragment_after_the_query(
+    target: str, expected: tuple[str, str]
+) -> None:
+    assert split_target(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("remainder", "message"),
+    [
+        ("/%c0%ae%c0%ae/x", "path contains an overlong UTF-8 or %u escape"),
+        ("/%u002e%u002e/x", "path contains an overlong UTF-8 or %u escape"),
+        ("/%2e%2e/x", "path must not contain . or .. segments"),
+        ("/..;x/y", "path must not contain . or .. segments"),
+    ],
+)
+def test_encoded_refusals_say_what_is_wrong(remainder: str, message: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        check_remainder(remainder)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("remainder", ["/a%ff", "/a%25ff", "/caf%C3%A9%25e9"])
+def test_undecodable_escapes_are_not_a_crash(remainder: str) -> None:
+    check_remainder(remainder)  # not UTF-8 at either decoding: forwarded as sent

@@ -482,3 +482,24 @@ async def test_status_reports_every_state_to_the_instant() -> None:
     assert tm.status()["state"] == "backoff"
     clock.now = tm._backoff_until  # the backoff is over; the error is still the news
     assert tm.status() == {"state": "error", "expires_in": None}
+
+
+async def test_use_source_swaps_the_transport() -> None:
+    tm, _, clock = manager(lifetime=10.0)
+    await tm.get()
+    replacement = Source(clock, lifetime=10.0)
+    tm.use_source(replacement)
+    clock.now += 11
+    assert (await tm.get()).value == "tok-1"  # from the new source's first call
+    assert replacement.calls == 1
+
+
+async def test_abandon_cancels_the_request_in_flight() -> None:
+    tm, source, _ = manager()
+    source.gate = asyncio.Event()
+    waiter = asyncio.create_task(tm.get())
+    await asyncio.sleep(0)
+    tm.abandon()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    tm.abandon()  # nothing in flight: nothing to do
