@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
 import pytest
 
 from proxy.auth.base import Token
 from proxy.errors import AuthBackoff, AuthFailed
 from proxy.tokens import Grant, MemoryTokenStore, TokenManager
-from proxy.tokens.store import Record
+from proxy.tokens.store import EventWaiter, Record
 from tests.support import log_lines
 
 
@@ -503,3 +504,116 @@ async def test_abandon_cancels_the_request_in_flight() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     tm.abandon()  # nothing in flight: nothing to do
+
+
+# -- two managers on one slot: what another process sees (pinned by the mutation run) ------
+
+
+def pair(
+    lifetime: float = 100.0, refresh_before: float = 60.0
+) -> tuple[TokenManager, Source, TokenManager, Source, Clock]:
+    clock = Clock()
+    slot = MemoryTokenStore().slot(None, "up")
+    sources = Source(clock, lifetime), Source(clock, lifetime)
+    a, b = (
+        TokenManager(
+            "up", s, refresh_before=refresh_before, slot=slot, clock=clock, wall_clock=clock
+        )
+        for s in sources
+    )
+    return a, sources[0], b, sources[1], clock
+
+
+async def test_an_adopted_token_keeps_the_half_lifetime_cap(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a, _, b, b_source, clock = pair()
+    capsys.readouterr()
+    token = await a.get()
+    assert (await b.get()).value == token.value
+    clock.now += 49
+    await b.get()
+    await b.wait_idle()
+    assert b_source.calls == 0  # refresh_before 60 s is capped at half of 100 s
+    clock.now += 2
+    await b.get()
+    await b.wait_idle()
+    assert b_source.calls == 1
+    adopted = [e for e in token_events(capsys.readouterr().out) if e["event"] == "token_adopted"]
+    assert adopted == [{"event": "token_adopted", "upstream": "up", "store": "shared"}]
+
+
+async def test_a_stored_backoff_is_honoured_by_the_other_manager() -> None:
+    a, a_source, b, b_source, clock = pair()
+    a_source.fail = AuthFailed("token endpoint for up answered 500", "up", 500)
+    with pytest.raises(AuthFailed):
+        await a.get()
+    with pytest.raises(AuthBackoff) as info:
+        await b.get()
+    assert b_source.calls == 0
+    assert info.value.retry_after == 1
+    assert b.last_error == "token endpoint for up answered 500"
+    assert b.status()["state"] == "backoff"
+    clock.now += 1
+    assert (await b.get()).value == "tok-1"
+    assert b_source.calls == 1
+
+
+async def test_the_other_manager_refreshes_with_the_stored_refresh_token() -> None:
+    a, _, b, b_source, clock = pair()
+    await a.get()
+    clock.now += 100  # expired
+    await b.get()
+    (previous,) = b_source.previous
+    assert previous is not None
+    assert (previous.value, previous.refresh_token) == ("tok-1", "refresh-1")
+
+
+async def test_a_refused_token_is_not_adopted_again() -> None:
+    a, a_source, b, b_source, _ = pair()
+    b_source.calls = 10  # b's tokens are tok-11, tok-12, ...
+    token = await a.get()
+    adopted = await b.get()
+    assert adopted.value == token.value == "tok-1"
+    fresh = await b.rejected(adopted, 401)
+    assert fresh.value == "tok-11"
+    assert (await a.rejected(token, 401)).value == "tok-11"  # a adopts b's new one
+    assert a_source.calls == 1
+
+
+async def test_the_other_manager_waits_for_the_lock_holder_and_adopts() -> None:
+    a, a_source, b, b_source, _ = pair()
+    a_source.gate = asyncio.Event()
+    fetching = asyncio.create_task(a.get())  # holds the slot's lock while it fetches
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(b.get())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    a_source.gate.set()
+    assert (await fetching).value == (await waiting).value == "tok-1"
+    assert (a_source.calls, b_source.calls) == (1, 0)
+
+
+async def test_a_lock_never_released_ends_in_a_fetch_of_our_own() -> None:
+    """A dead holder's lock: stop waiting after two lock lifetimes and serve from memory."""
+    slot = MemoryTokenStore().slot(None, "up")
+    assert await slot.lock(60.0) is not None  # held by someone who never comes back
+    wall = Clock()
+    wall.now = time.time()  # the manager runs on the real clocks here
+    source = Source(wall)
+    tm = TokenManager("up", source, slot=slot, lock_ttl=0.05)
+    started = asyncio.get_running_loop().time()
+    assert (await tm.get()).value == "tok-1"
+    assert 0.08 <= asyncio.get_running_loop().time() - started < 2
+    assert source.calls == 1
+
+
+async def test_event_waiter_says_whether_it_was_woken() -> None:
+    waiter = EventWaiter()
+    assert await waiter.wait(0.01) is False
+    waiter.changed.set()
+    assert await waiter.wait(0.01) is True
+
+
+def test_memory_store_status() -> None:
+    assert MemoryTokenStore().status() == {"type": "memory", "state": "ok"}
