@@ -257,6 +257,11 @@ async def serve(
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
+        if stop.is_set() and sock is not None:
+            # A worker: its supervisor owns "a second signal exits at once", and a
+            # repeat here is the same stop arriving twice (systemd signals every
+            # process of the unit, and the supervisor passes its copy on).
+            return
         if stop.is_set():
             log.warning("proxy_killed", signal=signal.Signals(signum).name)
             WRITER.flush()

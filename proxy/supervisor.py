@@ -215,6 +215,12 @@ class Supervisor:
 
     def _on_signal(self, signum: signal.Signals) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
+            if self._stopping:
+                # A second stop signal: exit at once (SPEC §1). The workers ignore a
+                # repeated one themselves (under systemd's default KillMode each gets
+                # its own copy as well as ours), so the supervisor ends them.
+                self._kill_all(f"a second {signum.name}")
+                return
             if not self._stopping:
                 log.info("supervisor_stopping", signal=signum.name, workers=len(self._workers))
                 config = self.config
@@ -299,9 +305,9 @@ class Supervisor:
             self._due[worker.slot] = time.monotonic() + delay
             log.warning("worker_exited", **fields, restart_in_s=delay)
 
-    def _kill_all(self) -> None:
+    def _kill_all(self, reason: str = "did not stop in time") -> None:
         for pid in self._workers:
-            log.warning("worker_killed", pid=pid, reason="did not stop in time")
+            log.warning("worker_killed", pid=pid, reason=reason)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self._unclean = True

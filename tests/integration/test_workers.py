@@ -421,6 +421,43 @@ async def test_ctrl_c_at_a_terminal_drains_once_instead_of_killing_the_workers(
     assert not r.events("proxy_killed")
 
 
+async def test_sigterm_to_every_process_of_the_unit_drains_once(spawn, echo, session) -> None:
+    """systemd's default KillMode (and `kill -TERM` on a cgroup) signals the supervisor and
+    each worker: a worker's own copy plus the supervisor's is still one stop, not two."""
+    r = await ready(spawn(config_for(echo.url), "--workers", "2"), 2)
+    workers = r.workers()
+    slow = [asyncio.ensure_future(session.get(f"{r.url}/echo/slow?seconds=1.5")) for _ in range(6)]
+    await until(lambda: echo.state.in_flight >= 6, "the slow requests upstream", 10)
+    for pid in (r.proc.pid, *workers):
+        os.kill(pid, signal.SIGTERM)
+    responses = await asyncio.gather(*slow)
+    assert [resp.status for resp in responses] == [200] * 6  # drained, not cut
+    for resp in responses:
+        resp.release()
+    assert await asyncio.to_thread(r.proc.wait, 20) == 0, r.log.read_text()[-3000:]
+    assert not r.events("proxy_killed")
+
+
+async def test_a_second_signal_to_the_supervisor_stops_the_workers_at_once(
+    spawn, echo, session
+) -> None:
+    """SPEC §1: a second signal during the drain exits at once — the workers too."""
+    config = config_for(echo.url, shutdown_timeout=30)
+    r = await ready(spawn(config, "--workers", "2"), 2)
+    workers = r.workers()
+    slow = asyncio.ensure_future(session.get(f"{r.url}/echo/slow?seconds=20"))
+    await until(lambda: echo.state.in_flight >= 1, "the slow request upstream", 10)
+    r.proc.send_signal(signal.SIGTERM)
+    await until(lambda: len(r.events("proxy_stopping")) >= 2, "both workers draining", 10)
+    started = time.monotonic()
+    r.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(r.proc.wait, 10) == 1
+    assert time.monotonic() - started < 5
+    assert not [pid for pid in workers if alive(pid)]
+    with contextlib.suppress(aiohttp.ClientError):
+        (await slow).release()
+
+
 async def test_a_worker_that_never_drains_is_killed_at_the_bound(spawn, echo) -> None:
     """No wait is unbounded: shutdown_delay + shutdown_timeout + 5 s for the worker's own
     stop, a margin, then SIGKILL, and the supervisor exits 1 (not a clean stop)."""
