@@ -9,6 +9,9 @@ translated between them the wrong way shows. Pinned by the mutation run (tests/R
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -76,6 +79,10 @@ class Probe:
         self.down = False
         self.ops: list[str] = []
         self.fallbacks = 0
+        self.ttls: list[float] = []
+        self.on_lock: Any = None  # async hook: runs before a lock is granted or refused
+        self.fake_waits: Clocks | None = None  # waits end at once, moving this clock
+        self.waits: list[float] = []
 
     def _op(self, name: str) -> None:
         self.ops.append(name)
@@ -96,6 +103,9 @@ class Probe:
 
     async def lock(self, ttl: float) -> str | None:
         self._op("lock")
+        self.ttls.append(ttl)
+        if self.on_lock is not None:
+            await self.on_lock()
         return await self.inner.lock(ttl)
 
     async def unlock(self, owner: str) -> None:
@@ -104,7 +114,19 @@ class Probe:
 
     def changes(self) -> Any:
         self.ops.append("changes")
+        if self.fake_waits is not None:
+            return self._fake_changes(self.fake_waits)
         return self.inner.changes()
+
+    @contextlib.asynccontextmanager
+    async def _fake_changes(self, clocks: Clocks) -> AsyncIterator[Probe]:
+        yield self
+
+    async def wait(self, within: float) -> bool:  # the fake waiter: nobody wakes it
+        self.waits.append(within)
+        assert self.fake_waits is not None
+        self.fake_waits.advance(within)
+        return False
 
     def fell_back(self) -> None:
         self.fallbacks += 1
@@ -258,3 +280,135 @@ async def test_prefetch_names_itself_as_the_reason(capsys: pytest.CaptureFixture
 def test_an_empty_record_has_no_end() -> None:
     assert Record().lives_until() is None
     assert Record(backoff_until=5.0).lives_until() == 5.0
+
+
+async def test_waiting_on_a_dead_holders_lock_ends_after_two_lock_lifetimes() -> None:
+    clocks, slot = Clocks(), Probe()
+    assert await slot.inner.lock(1e9) is not None  # held by someone who never comes back
+    slot.fake_waits = clocks
+    source = Source(clocks)
+    tm = TokenManager(
+        "up", source, slot=slot, lock_ttl=10.0, clock=clocks.mono, wall_clock=clocks.wall
+    )
+    token = await tm.get()
+    # Waits at +0 and +10; at +20 (two lock lifetimes, to the instant) it stops waiting.
+    assert slot.waits == [10.0, 10.0]
+    assert set(slot.ttls) == {10.0}
+    assert (token.value, token.shared, source.calls, slot.fallbacks) == ("tok-1", False, 1, 1)
+
+
+async def test_a_stored_token_is_adopted_without_taking_the_lock() -> None:
+    clocks, slot = Clocks(), Probe()
+    a, _ = manager(clocks, slot)
+    b, b_source = manager(clocks, slot)
+    await a.get()
+    slot.ops.clear()
+    assert (await b.get()).value == "tok-1"
+    assert slot.ops == ["get"] and b_source.calls == 0
+
+
+async def test_a_token_stored_just_before_we_lock_is_adopted() -> None:
+    clocks, slot = Clocks(), Probe()
+    a, _ = manager(clocks, slot)
+    b, b_source = manager(clocks, slot)
+
+    async def other_process_stores() -> None:
+        slot.on_lock = None
+        await a.get()  # takes and releases the lock, stores tok-1
+
+    slot.on_lock = other_process_stores
+    assert (await b.get()).value == "tok-1"
+    assert b_source.calls == 0
+
+
+async def test_a_token_stored_before_we_subscribe_is_not_missed() -> None:
+    clocks, slot = Clocks(), Probe()
+    a, _ = manager(clocks, slot)
+    b, b_source = manager(clocks, slot)
+    slot.fake_waits = clocks
+    owner = await slot.inner.lock(60.0)
+    assert owner is not None
+
+    async def holder_finishes() -> None:  # between b's refused lock and its subscription
+        slot.on_lock = None
+        await slot.inner.put(a._record(a._date(await a._source.fetch(None))), None)
+        await slot.inner.unlock(owner)
+
+    slot.on_lock = holder_finishes
+    assert (await b.get()).value == "tok-1"
+    assert slot.waits == [] and b_source.calls == 0
+
+
+async def test_the_store_going_down_mid_fetch_costs_no_second_fetch() -> None:
+    for fail in (None, AuthFailed("token endpoint for up answered 500", "up", 500)):
+        clocks, slot = Clocks(), Probe(shared=True)
+        tm, source = manager(clocks, slot)
+        source.fail = fail
+        source.gate = asyncio.Event()
+        getting = asyncio.create_task(tm.get())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        slot.down = True  # neither the put nor the unlock will answer
+        source.gate.set()
+        if fail is None:
+            token = await getting
+            assert (token.value, token.shared) == ("tok-1", False)
+        else:
+            with pytest.raises(AuthFailed):  # the endpoint's error, not the store's
+                await getting
+        assert source.calls == 1
+
+
+async def test_a_refused_token_is_deleted_from_the_store_before_the_refetch() -> None:
+    clocks, slot = Clocks(), Probe()
+    a, _ = manager(clocks, slot)
+    b, b_source = manager(clocks, slot)
+    token = await a.get()
+    b_source.gate = asyncio.Event()
+    b.invalidate(await b.get())
+    refetch = asyncio.create_task(b.rejected(token, 401))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert "delete" in slot.ops
+    assert await slot.inner.get() is None  # nobody else adopts the refused token meanwhile
+    b_source.gate.set()
+    assert (await refetch).value == "tok-1"  # b's own first token
+    assert b_source.calls == 1
+
+
+async def test_consecutive_failures_count_across_processes() -> None:
+    clocks, slot = Clocks(), Probe()
+    a, a_source = manager(clocks, slot)
+    b, b_source = manager(clocks, slot)
+    a_source.fail = b_source.fail = AuthFailed("token endpoint for up answered 500", "up", 500)
+    with pytest.raises(AuthFailed):
+        await a.get()
+    clocks.advance(1)
+    with pytest.raises(AuthFailed):
+        await b.get()  # the second failure of the deployment: 2 s
+    with pytest.raises(AuthBackoff) as info:
+        await b.get()
+    assert info.value.retry_after == 2
+
+
+async def test_a_stored_backoff_without_an_error_says_only_when() -> None:
+    clocks, slot = Clocks(), Probe()
+    await slot.inner.put(Record(failures=1, backoff_until=clocks.wall() + 5), None)
+    tm, source = manager(clocks, slot)
+    with pytest.raises(AuthBackoff) as info:
+        await tm.get()
+    assert info.value.message == "token endpoint for up is failing; retrying in 5 s"
+    assert source.calls == 0
+
+
+@dataclass(frozen=True)
+class Same:
+    digest: str = "d1"
+    material: bytes = b"m"
+
+
+def test_memory_slots_are_keyed_by_identity_not_by_name() -> None:
+    store = MemoryTokenStore()
+    assert store.slot(Same(), "a") is store.slot(Same(), "b")  # SPEC §8.5
+    assert store.slot(Same(), "a") is not store.slot(Same("d2"), "a")
+    assert store.slot(None, "a") is not store.slot(Same(), "a")
