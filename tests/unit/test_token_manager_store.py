@@ -332,11 +332,13 @@ async def test_a_token_stored_before_we_subscribe_is_not_missed() -> None:
     async def holder_finishes() -> None:  # between b's refused lock and its subscription
         slot.on_lock = None
         await slot.inner.put(a._record(a._date(await a._source.fetch(None))), None)
-        await slot.inner.unlock(owner)
+        # ... and has not yet unlocked: b's lock is refused, then b subscribes.
 
     slot.on_lock = holder_finishes
     assert (await b.get()).value == "tok-1"
     assert slot.waits == [] and b_source.calls == 0
+    assert slot.ops == ["get", "lock", "changes", "get"]
+    await slot.inner.unlock(owner)
 
 
 async def test_the_store_going_down_mid_fetch_costs_no_second_fetch() -> None:
